@@ -1,0 +1,117 @@
+"""The MAE forward pass as pure functions: `init_params`, `mae_apply`, `encode`.
+
+Data flow: images -> patchify -> random masking (explicit noise or rng) -> encoder on the
+visible patches -> decoder with mask tokens -> pixel prediction -> masked MSE loss.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mae_jax.config import ModelConfig
+from mae_jax.losses import masked_mse, normalize_patches
+from mae_jax.masking import random_masking
+from mae_jax.models import Decoder, Encoder
+from mae_jax.patches import patchify
+
+Params = dict[str, Any]
+
+
+class MAEOutput(NamedTuple):
+  loss: jax.Array  # [] float32
+  pred: jax.Array  # [B, N, p*p*C] (in normalised-patch space when norm_pix_loss)
+  mask: jax.Array  # [B, N] 1 = removed
+  ids_restore: jax.Array  # [B, N]
+  latent: jax.Array  # [B, 1 + L, D] encoder output (L = N with encoder_mask_tokens)
+
+
+def check_images(images: jax.Array, config: ModelConfig) -> None:
+  """Raises a ValueError naming the problem unless images are [B, H, W, C] as configured."""
+  if images.ndim != 4:
+    raise ValueError(f"images must be [B, H, W, C], got shape {tuple(images.shape)}")
+  _, h, w, c = images.shape
+  if c != config.channels:
+    raise ValueError(f"images have {c} channels, the config expects {config.channels} "
+                     f"(images must be NHWC)")
+  if (h, w) != (config.image_size, config.image_size):
+    raise ValueError(f"images are {h}x{w}, the config expects "
+                     f"{config.image_size}x{config.image_size}")
+  if not jnp.issubdtype(images.dtype, jnp.floating):
+    raise ValueError(f"images must be float (normalised with the dataset mean/std), "
+                     f"got {images.dtype}")
+
+
+def forward(params: Params, images: jax.Array, rng: jax.Array | None, config: ModelConfig,
+            noise: jax.Array | None = None) -> MAEOutput:
+  """Un-jitted MAE forward pass and loss; `mae_apply` is its jitted form."""
+  check_images(images, config)
+  if "decoder" not in params:
+    raise ValueError("these params hold no decoder (an encoder-only checkpoint?): "
+                     "mae_apply needs encoder and decoder; use mae_jax.encode for features")
+  patches = patchify(images.astype(jnp.float32), config.patch_size)  # [B, N, P]
+  b, n, _ = patches.shape
+  masking = random_masking(patches, config.mask_ratio, noise=noise,
+                           rng=None if noise is not None else rng)
+  if config.encoder_mask_tokens:
+    positions = jnp.broadcast_to(jnp.arange(n), (b, n))
+    latent = Encoder(config).apply({"params": params["encoder"]}, patches, positions,
+                                   masking.mask)
+    pred = Decoder(config).apply({"params": params["decoder"]}, latent, None)
+  else:
+    latent = Encoder(config).apply({"params": params["encoder"]}, masking.kept,
+                                   masking.ids_keep)
+    pred = Decoder(config).apply({"params": params["decoder"]}, latent, masking.ids_restore)
+  target = normalize_patches(patches) if config.norm_pix_loss else patches
+  loss = masked_mse(pred, target, masking.mask)
+  return MAEOutput(loss, pred, masking.mask, masking.ids_restore, latent)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def mae_apply(params: Params, images: jax.Array, rng: jax.Array | None = None, *,
+              config: ModelConfig, noise: jax.Array | None = None) -> MAEOutput:
+  """Jitted MAE forward pass: loss, prediction, mask, ids_restore, encoder output.
+
+  images: [B, H, W, C] float, normalised with the dataset mean/std. Masking noise is drawn
+  from `rng` unless `noise` ([B, N]) is given, in which case the kept patches are
+  `argsort(noise)[:, :int(N * (1 - mask_ratio))]`, as in the reference.
+  """
+  return forward(params, images, rng, config, noise)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def encode(encoder_params: Params, images: jax.Array, *, config: ModelConfig) -> jax.Array:
+  """Encoder on all patches, no masking (for evaluation): [B, H, W, C] -> [B, 1 + N, D]."""
+  check_images(images, config)
+  patches = patchify(images.astype(jnp.float32), config.patch_size)
+  b, n, _ = patches.shape
+  positions = jnp.broadcast_to(jnp.arange(n), (b, n))
+  mask = jnp.zeros((b, n)) if config.encoder_mask_tokens else None
+  return Encoder(config).apply({"params": encoder_params}, patches, positions, mask)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _init(rng: jax.Array, config: ModelConfig) -> Params:
+  enc_rng, dec_rng = jax.random.split(rng)
+  n, visible = config.num_patches, config.num_visible
+  if config.encoder_mask_tokens:
+    visible = n
+  patches = jnp.zeros((1, visible, config.patch_dim))
+  positions = jnp.arange(visible)[None]
+  mask = jnp.zeros((1, n)) if config.encoder_mask_tokens else None
+  encoder = Encoder(config).init(enc_rng, patches, positions, mask)["params"]
+  latent = jnp.zeros((1, 1 + visible, config.width))
+  ids_restore = None if config.encoder_mask_tokens else jnp.arange(n)[None]
+  decoder = Decoder(config).init(dec_rng, latent, ids_restore)["params"]
+  return {"encoder": encoder, "decoder": decoder}
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> Params:
+  """The parameter pytree {'encoder', 'decoder'} with the reference's initialisation.
+
+  Xavier-uniform Linear weights (fused qkv as one matrix), zero biases, unit LayerNorms,
+  cls and mask tokens normal(0.02). Shapes only: `jax.eval_shape(init_params, config, rng)`.
+  """
+  return _init(rng, config)

@@ -1,0 +1,126 @@
+"""Flax linen modules of MAE: a ViT encoder on visible patches and a lightweight decoder.
+
+Parameter names follow the reference (facebookresearch/mae) so checkpoints map one to one:
+encoder {patch_embed, cls_token, blocks_i, norm}, decoder {decoder_embed, mask_token,
+decoder_blocks_i, decoder_norm, decoder_pred}. Position embeddings are fixed sin-cos
+constants, not parameters. Masking and rngs stay outside the modules.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mae_jax.config import ModelConfig
+from mae_jax.posemb import sincos_2d
+
+xavier = nn.initializers.xavier_uniform()
+token_init = nn.initializers.normal(stddev=0.02)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, as the reference's nn.GELU()."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection (bias on), as the reference."""
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, n, d = x.shape
+    h = self.num_heads
+    qkv = nn.Dense(3 * d, kernel_init=xavier, dtype=self.dtype, name="qkv")(x)  # [B, N, 3D]
+    q, k, v = jnp.split(qkv.reshape(b, n, 3, h, d // h), 3, axis=2)  # 3 x [B, N, 1, H, Dh]
+    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])  # [B, N, H, Dh]
+    return nn.Dense(d, kernel_init=xavier, dtype=self.dtype, name="proj")(out.reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+  hidden_dim: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    x = nn.Dense(self.hidden_dim, kernel_init=xavier, dtype=self.dtype, name="fc1")(x)
+    return nn.Dense(d, kernel_init=xavier, dtype=self.dtype, name="fc2")(gelu(x))
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+  num_heads: int
+  mlp_dim: int
+  eps: float
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    norm = lambda name: nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name=name)
+    x = x + Attention(self.num_heads, self.dtype, name="attn")(norm("norm1")(x))
+    return x + Mlp(self.mlp_dim, self.dtype, name="mlp")(norm("norm2")(x))
+
+
+class Encoder(nn.Module):
+  """ViT encoder over a subset of patches (plus a cls token), ending with LayerNorm.
+
+  patches: [B, L, p*p*C] (already patchified); positions: [B, L] int, the grid index of
+  each patch, used to pick its fixed position embedding. With `mask` ([B, N], only for the
+  paper's ablation `encoder_mask_tokens`), masked patches are replaced by a learned token.
+  Returns [B, 1 + L, D].
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, patches: jax.Array, positions: jax.Array,
+               mask: jax.Array | None = None) -> jax.Array:
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    pos = jnp.asarray(sincos_2d(cfg.width, cfg.grid_size))  # [N, D]
+    x = nn.Dense(cfg.width, kernel_init=xavier, dtype=dtype, name="patch_embed")(patches)
+    x = x + pos[positions].astype(dtype)  # [B, L, D]
+    if cfg.encoder_mask_tokens:
+      if mask is None:
+        raise ValueError("encoder_mask_tokens needs the mask")
+      token = self.param("mask_token", token_init, (1, 1, cfg.width))
+      x = jnp.where(mask[..., None] > 0, (token + pos[positions]).astype(dtype), x)
+    cls = self.param("cls_token", token_init, (1, 1, cfg.width))  # its position embedding is 0
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, cfg.width)).astype(dtype), x],
+                        axis=1)  # [B, 1 + L, D]
+    for i in range(cfg.depth):
+      x = Block(cfg.num_heads, cfg.mlp_dim, cfg.layer_norm_eps, dtype, name=f"blocks_{i}")(x)
+    return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, name="norm")(x)
+
+
+class Decoder(nn.Module):
+  """Lightweight decoder: mask tokens at removed positions, unshuffle, predict pixels.
+
+  latent: [B, 1 + L, D] encoder output; ids_restore: [B, N] from the masking, or None when
+  the encoder already saw every position (`encoder_mask_tokens`). Returns [B, N, p*p*C].
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, latent: jax.Array, ids_restore: jax.Array | None) -> jax.Array:
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    dw = cfg.decoder_width
+    x = nn.Dense(dw, kernel_init=xavier, dtype=dtype, name="decoder_embed")(latent)
+    if ids_restore is not None:
+      token = self.param("mask_token", token_init, (1, 1, dw))
+      b, n = ids_restore.shape
+      visible = x[:, 1:]  # [B, L, Dd] in shuffled order
+      tokens = jnp.broadcast_to(token.astype(dtype), (b, n - visible.shape[1], dw))
+      shuffled = jnp.concatenate([visible, tokens], axis=1)  # [B, N, Dd]
+      unshuffled = jnp.take_along_axis(shuffled, ids_restore[..., None], axis=1)
+      x = jnp.concatenate([x[:, :1], unshuffled], axis=1)  # [B, 1 + N, Dd]
+    pos = sincos_2d(dw, cfg.grid_size, cls_token=True)  # [1 + N, Dd]
+    x = x + jnp.asarray(pos, dtype)
+    for i in range(cfg.decoder_depth):
+      x = Block(cfg.decoder_num_heads, cfg.decoder_mlp_dim, cfg.layer_norm_eps, dtype,
+                name=f"decoder_blocks_{i}")(x)
+    x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, name="decoder_norm")(x)
+    x = nn.Dense(cfg.patch_dim, kernel_init=xavier, dtype=dtype, name="decoder_pred")(x)
+    return x[:, 1:]  # drop the cls position: [B, N, p*p*C]

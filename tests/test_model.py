@@ -1,0 +1,248 @@
+"""Patchify, masking, position embeddings, loss, configs and the forward pass."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mae_jax import init_params, mae_apply, model_config, patchify, random_masking, unpatchify
+from mae_jax.losses import masked_mse, normalize_patches
+from mae_jax.mae import encode
+from mae_jax.posemb import sincos_2d
+
+TINY = dict(image_size=32, patch_size=8, width=64, depth=2, num_heads=4, decoder_width=32,
+            decoder_depth=2, decoder_num_heads=4)
+
+
+def tiny(**kw):
+  return model_config("Ti/16", **{**TINY, **kw})
+
+
+def test_patchify_round_trip_and_order():
+  x = jax.random.normal(jax.random.key(0), (2, 12, 8, 3))
+  p = patchify(x, 4)
+  assert p.shape == (2, 6, 48)
+  np.testing.assert_array_equal(unpatchify(p, 4, (3, 2)), x)
+  # Patch (row 1, col 0) holds pixels [4:8, 0:4] in (row, col, channel) order.
+  np.testing.assert_array_equal(p[:, 2], x[:, 4:8, 0:4, :].reshape(2, -1))
+  sq = jax.random.normal(jax.random.key(1), (1, 16, 16, 3))
+  np.testing.assert_array_equal(unpatchify(patchify(sq, 4), 4), sq)
+
+
+def test_patchify_rejects_indivisible():
+  with pytest.raises(ValueError, match="not divisible"):
+    patchify(jnp.zeros((1, 10, 8, 3)), 4)
+
+
+def test_masking_counts_and_randomness():
+  b, n = 16, 49
+  tokens = jnp.arange(b * n, dtype=jnp.float32).reshape(b, n, 1)
+  m = random_masking(tokens, 0.75, rng=jax.random.key(0))
+  keep = int(n * 0.25)
+  assert m.kept.shape == (b, keep, 1)
+  np.testing.assert_array_equal(m.mask.sum(1), n - keep)
+  # Kept tokens are exactly those with mask 0, and ids_restore undoes the shuffle.
+  for i in range(b):
+    kept_ids = np.sort(np.asarray(m.ids_keep[i]))
+    np.testing.assert_array_equal(kept_ids, np.flatnonzero(np.asarray(m.mask[i]) == 0))
+    np.testing.assert_array_equal(m.kept[i, :, 0], tokens[i, m.ids_keep[i], 0])
+  assert len({tuple(np.sort(np.asarray(r))) for r in m.ids_keep}) == b  # differs per example
+  again = random_masking(tokens, 0.75, rng=jax.random.key(0))
+  np.testing.assert_array_equal(again.ids_keep, m.ids_keep)
+  other = random_masking(tokens, 0.75, rng=jax.random.key(1))
+  assert not np.array_equal(other.ids_keep, m.ids_keep)
+
+
+def test_masking_follows_argsort_rule_for_given_noise():
+  rng = np.random.default_rng(0)
+  noise = rng.random((4, 16)).astype(np.float32)
+  tokens = jnp.asarray(rng.random((4, 16, 3)), jnp.float32)
+  m = random_masking(tokens, 0.6, noise=jnp.asarray(noise))
+  keep = int(16 * (1 - 0.6))
+  expected = np.argsort(noise, axis=1)[:, :keep]
+  np.testing.assert_array_equal(m.ids_keep, expected)
+  shuffled = np.take_along_axis(np.asarray(tokens), np.argsort(noise, axis=1)[..., None], 1)
+  np.testing.assert_array_equal(np.take_along_axis(shuffled, np.asarray(m.ids_restore)[..., None],
+                                                   1), tokens)
+  mask = np.ones((4, 16))
+  np.put_along_axis(mask, expected, 0, axis=1)
+  np.testing.assert_array_equal(m.mask, mask)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(noise=jnp.zeros((4, 15))), "noise must have shape"),
+    (dict(), "exactly one"),
+    (dict(noise=jnp.zeros((4, 16)), rng=jax.random.key(0)), "exactly one"),
+])
+def test_masking_errors(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    random_masking(jnp.zeros((4, 16, 3)), 0.75, **kwargs)
+
+
+def test_masking_rejects_bad_ratio():
+  for r in (1.0, -0.1):
+    with pytest.raises(ValueError, match="mask_ratio"):
+      random_masking(jnp.zeros((1, 4, 3)), r, rng=jax.random.key(0))
+
+
+def test_sincos_2d_values():
+  emb = sincos_2d(8, 3, cls_token=True)
+  assert emb.shape == (10, 8)
+  np.testing.assert_array_equal(emb[0], 0)
+  # Token 1 + (r*3 + c): channels [0:4] encode the column c, [4:8] the row r.
+  r, c = 2, 1
+  omega = 1 / 10000 ** (np.arange(2) / 2)
+  want = np.concatenate([np.sin(c * omega), np.cos(c * omega), np.sin(r * omega), np.cos(r * omega)])
+  np.testing.assert_allclose(emb[1 + r * 3 + c], want, rtol=1e-6)
+
+
+def test_loss_hand_computed():
+  # Two patches of 4 pixels; only patch 1 is removed.
+  target = jnp.array([[[0., 1., 2., 3.], [1., 1., 3., 3.]]])
+  pred = jnp.array([[[9., 9., 9., 9.], [1., 2., 3., 4.]]])
+  mask = jnp.array([[0., 1.]])
+  # Raw pixels: errors on patch 1 are 0, 1, 0, 1 -> mean 0.5.
+  assert float(masked_mse(pred, target, mask)) == pytest.approx(0.5)
+  # norm_pix: patch 1 has mean 2, unbiased var 4/3 -> (t - 2) / sqrt(4/3 + 1e-6).
+  norm = normalize_patches(target)
+  s = np.sqrt(4 / 3 + 1e-6)
+  np.testing.assert_allclose(norm[0, 1], np.array([-1, -1, 1, 1]) / s, rtol=1e-6)
+  want = np.mean((np.array([1, 2, 3, 4]) - np.array([-1, -1, 1, 1]) / s) ** 2)
+  assert float(masked_mse(pred, norm, mask)) == pytest.approx(want, rel=1e-6)
+
+
+def test_forward_shapes_and_loss_matches_pieces():
+  cfg = tiny(norm_pix_loss=True)
+  params = init_params(cfg, jax.random.key(0))
+  images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+  noise = jax.random.uniform(jax.random.key(2), (3, 16))
+  out = mae_apply(params, images, config=cfg, noise=noise)
+  assert out.pred.shape == (3, 16, 192)
+  assert out.latent.shape == (3, 1 + 4, 64)
+  np.testing.assert_array_equal(out.mask.sum(1), 12)
+  want = masked_mse(out.pred, normalize_patches(patchify(images, 8)), out.mask)
+  np.testing.assert_allclose(out.loss, want, rtol=1e-6)
+  # The same rng gives the same masking; the masking is also reproducible from noise.
+  a = mae_apply(params, images, jax.random.key(5), config=cfg)
+  b = mae_apply(params, images, jax.random.key(5), config=cfg)
+  np.testing.assert_array_equal(a.mask, b.mask)
+
+
+def test_encoder_sees_only_visible_patches():
+  # Changing a removed patch must not change the encoder output.
+  cfg = tiny()
+  params = init_params(cfg, jax.random.key(0))
+  images = jax.random.normal(jax.random.key(1), (1, 32, 32, 3))
+  noise = jnp.arange(16, dtype=jnp.float32)[None]  # keeps patches 0..3 (top row)
+  out = mae_apply(params, images, config=cfg, noise=noise)
+  changed = mae_apply(params, images.at[:, 16:].add(5.0), config=cfg, noise=noise)
+  np.testing.assert_array_equal(out.latent, changed.latent)
+
+
+def test_encoder_mask_tokens_ablation():
+  cfg = tiny(encoder_mask_tokens=True)
+  params = init_params(cfg, jax.random.key(0))
+  assert "mask_token" in params["encoder"] and "mask_token" not in params["decoder"]
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  out = mae_apply(params, images, jax.random.key(2), config=cfg)
+  assert out.latent.shape == (2, 17, 64)
+  assert out.pred.shape == (2, 16, 192) and np.isfinite(out.loss)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  cfg = tiny(dtype="bfloat16")
+  params = init_params(cfg, jax.random.key(0))
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  noise = jax.random.uniform(jax.random.key(2), (2, 16))
+  out16 = mae_apply(params, images, config=cfg, noise=noise)
+  out32 = mae_apply(params, images, config=tiny(), noise=noise)
+  assert out16.pred.dtype == jnp.bfloat16 and out16.loss.dtype == jnp.float32
+  np.testing.assert_allclose(out16.loss, out32.loss, rtol=5e-2)
+
+
+def test_init_follows_reference():
+  cfg = model_config("S/16", image_size=64, depth=2, decoder_depth=1)
+  p = init_params(cfg, jax.random.key(0))
+  enc = p["encoder"]
+  assert np.all(enc["blocks_0"]["attn"]["qkv"]["bias"] == 0)
+  assert np.all(enc["norm"]["scale"] == 1)
+  # Xavier-uniform on the fused qkv as one [3D, D] matrix: bound sqrt(6 / (D + 3D)).
+  bound = np.sqrt(6 / (384 + 3 * 384))
+  qkv = np.asarray(enc["blocks_0"]["attn"]["qkv"]["kernel"])
+  assert qkv.max() <= bound and qkv.max() > 0.95 * bound
+  np.testing.assert_allclose(qkv.std(), bound / np.sqrt(3), rtol=0.02)
+  tokens = np.asarray(enc["cls_token"]).ravel()
+  assert abs(tokens.std() - 0.02) < 0.005
+
+
+def paper_param_count(variant: str) -> int:
+  """Encoder parameters plus the fixed position embeddings and a 1000-way linear head.
+
+  The paper (Table 1/8) quotes the ViT convention of counting the classifier head, which
+  is how 86M / 304M / 632M come out; without head and position embeddings the encoders
+  are 85.6M / 303.1M / 630.4M.
+  """
+  cfg = model_config(variant)
+  shapes = jax.eval_shape(init_params, cfg, jax.random.key(0))  # no weights allocated
+  encoder = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["encoder"]))
+  return encoder + (cfg.num_patches + 1) * cfg.width + cfg.width * 1000 + 1000
+
+
+@pytest.mark.parametrize("variant, millions", [("B/16", 86), ("L/16", 304), ("H/14", 632)])
+def test_parameter_counts_match_paper(variant, millions):
+  assert paper_param_count(variant) // 10**6 == millions
+
+
+def test_encode_all_patches():
+  cfg = tiny()
+  params = init_params(cfg, jax.random.key(0))
+  feats = encode(params["encoder"], jnp.zeros((2, 32, 32, 3)), config=cfg)
+  assert feats.shape == (2, 17, 64)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(image_size=30), "not divisible"),
+    (dict(mask_ratio=1.0), "mask_ratio"),
+    (dict(mask_ratio=-0.5), "mask_ratio"),
+    (dict(width=66), "divisible by num_heads|multiple of 4"),
+    (dict(dtype="float16"), "dtype"),
+    (dict(depth=0), "positive"),
+    (dict(bogus=1), "unknown model config field"),
+])
+def test_bad_config_errors(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    tiny(**kwargs)
+
+
+def test_unknown_variant():
+  with pytest.raises(ValueError, match="unknown variant"):
+    model_config("B/32")
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((2, 32, 32, 1), "channels"), ((2, 3, 32, 32), "channels"), ((2, 64, 64, 3), "expects 32x32"),
+    ((32, 32, 3), r"\[B, H, W, C\]"),
+])
+def test_bad_images_error(shape, match):
+  cfg = tiny()
+  params = init_params(cfg, jax.random.key(0))
+  with pytest.raises(ValueError, match=match):
+    mae_apply(params, jnp.zeros(shape), jax.random.key(0), config=cfg)
+
+
+def test_bad_noise_shape_error():
+  cfg = tiny()
+  params = init_params(cfg, jax.random.key(0))
+  with pytest.raises(ValueError, match="noise must have shape"):
+    mae_apply(params, jnp.zeros((2, 32, 32, 3)), config=cfg, noise=jnp.zeros((2, 15)))
+
+
+def test_mae_apply_is_jitted_and_composes():
+  cfg = tiny()
+  params = init_params(cfg, jax.random.key(0))
+  images = jnp.zeros((2, 32, 32, 3))
+  grad = jax.jit(jax.grad(lambda p: mae_apply(p, images, jax.random.key(0), config=cfg).loss))(params)
+  assert jax.tree.structure(grad) == jax.tree.structure(params)
+  assert hasattr(mae_apply, "lower")
