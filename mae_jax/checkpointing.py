@@ -14,6 +14,7 @@ import json
 import os
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -88,3 +89,53 @@ def load_params(path: str) -> tuple[Params, ModelConfig]:
     restored = ckptr.restore(path, ocp.args.Composite(
         state=ocp.args.PyTreeRestore(target, partial_restore=True)))
     return restored["state"]["params"], config
+
+
+def read_saved_model_config(workdir: str) -> ModelConfig | None:
+  """The model config of the newest checkpoint in a workdir, or None if there is none."""
+  root = os.path.join(workdir, CHECKPOINTS)
+  if not os.path.isdir(root) or not any(n.isdigit() for n in os.listdir(root)):
+    return None
+  with open(os.path.join(latest_step_dir(workdir), "config", "metadata")) as f:
+    return config_from_dict(json.load(f)["model"])
+
+
+class TrainCheckpointer:
+  """Orbax CheckpointManager for pretraining: train state, data iterator and config.
+
+  Saves asynchronously when asked (the loop decides when), keeps the newest `keep`, restores against an abstract
+  state carrying the target shardings, so a resumed run gets arrays laid out as before
+  and optimizer states with their own structure.
+  """
+
+  def __init__(self, workdir: str, *, keep: int):
+    self.manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), CHECKPOINTS),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=True, create=True),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def restore(self, abstract_state, data_iterator) -> Any:
+    """Restores the newest step into `data_iterator` (in place) and returns the state."""
+    restored = self.manager.restore(self.manager.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    return restored["state"]
+
+  def save(self, step: int, state, data_iterator, config: dict[str, Any],
+           force: bool = False) -> bool:
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(config)), force=force)
+
+  def close(self) -> None:
+    """Waits for async saves to land, then releases the manager."""
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,73 @@
+"""MAE pretraining with the paper's recipe: ViT-B/16 on ImageNet-1k (He et al. 2022, A.1).
+
+Other encoders through the argument, e.g.
+  python -m mae_jax.main --config=configs/base.py:variant=L/16,epochs=1600 --workdir=DIR
+and any field with --config.<field>=<value>.
+"""
+import ml_collections
+
+from mae_jax.config import model_config
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'variant=L/16,epochs=1600' -> ConfigDict, values typed like the defaults."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in defaults:
+      raise ValueError(f"config argument {item!r}: expected key=value with key in "
+                       f"{sorted(defaults)}")
+    out[key] = type(defaults[key])(value)
+  return ml_collections.ConfigDict(out)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = parse_arg(arg, variant="B/16", epochs=800)
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # The model: every ModelConfig field, so each is overridable (--config.model.mask_ratio=0.5).
+  model = model_config(args.variant, mask_ratio=0.75, norm_pix_loss=True, decoder_width=512,
+                       decoder_depth=8, decoder_num_heads=16, dtype="bfloat16")
+  config.model = ml_collections.ConfigDict({"variant": args.variant, **model.to_dict()})
+
+  config.input = ml_collections.ConfigDict()
+  config.input.dataset = "imagenet2012"  # any tfds name, or 'folder' / 'demo'
+  config.input.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir or root
+  config.input.split = "train"
+  config.input.eval_split = "validation"  # images for the reconstruction grids
+  config.input.crop_scale = (0.2, 1.0)  # RandomResizedCrop, bicubic
+  config.input.crop_ratio = (3 / 4, 4 / 3)
+  config.input.hflip = True
+  config.input.mean = IMAGENET_MEAN
+  config.input.std = IMAGENET_STD
+  config.input.worker_count = 16  # grain decoding processes per host
+  config.input.worker_buffer_size = 2
+
+  # Optimisation (paper Table 8): AdamW, lr = base_lr * batch / 256, warmup + cosine.
+  config.batch_size = 4096  # global, over all hosts and accumulation steps
+  config.grad_accum_steps = 1
+  config.epochs = args.epochs
+  config.warmup_epochs = 40
+  config.total_steps = -1  # > 0 overrides epochs
+  config.warmup_steps = -1  # >= 0 overrides warmup_epochs
+  config.stop_at_step = -1  # > 0: stop early with a checkpoint (e.g. job time limits)
+  config.base_lr = 1.5e-4
+  config.lr = -1.0  # > 0 sets the absolute peak lr instead of the scaling rule
+  config.weight_decay = 0.05
+  config.b1 = 0.9
+  config.b2 = 0.95
+
+  # Parallelism: data parallel over all devices; fsdp > 1 also shards params/optimizer.
+  config.fsdp = 1
+
+  # Outputs.
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  config.recon_every_steps = 20 * 312  # about every 20 epochs at batch 4096
+  config.num_recon_images = 8
+  return config.lock()

@@ -1,0 +1,171 @@
+"""The pretraining input pipeline: source -> decode -> augment -> host batch.
+
+Each host reads its own shard of the records and batches
+`global_batch_size // process_count` of them; `to_global_array` then assembles
+the hosts' batches into one global `jax.Array`. The loader is grain's
+`DataLoader`, so `iter(loader)` is a `grain.DataLoaderIterator` whose state
+(`get_state` / `set_state`, or grain's Orbax handler) resumes exactly.
+
+`input_config` fields (attributes; all but `dataset` optional):
+  dataset: 'demo', 'folder', or a tfds name ('imagenet2012', 'cifar10', ...).
+  data_dir: tfds data_dir; image-folder root for 'folder'; demo cache for
+    'demo'. Default None (tfds default dir, demo in ~/.cache/mae_jax/demo).
+  split: training split. Default 'train'.
+  eval_split: split for `make_eval_batch`. Default 'validation' for tfds,
+    'val' for folders and the demo.
+  crop_scale, crop_ratio: RandomResizedCrop ranges. Default (0.2, 1.0) and
+    (3/4, 4/3), the MAE recipe.
+  hflip: random horizontal flip. Default True.
+  mean, std: per-channel normalisation of [0, 1] pixels. Default ImageNet's.
+  worker_count: grain worker processes (0 = in this process). Default 0.
+  worker_buffer_size: batches each worker prepares ahead. Default 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from absl import flags
+import grain
+import jax
+import numpy as np
+
+from mae_jax.data import sources
+from mae_jax.data import transforms
+
+_DEFAULTS = {
+    "data_dir": None,
+    "split": "train",
+    "eval_split": None,
+    "crop_scale": (0.2, 1.0),
+    "crop_ratio": (3 / 4, 4 / 3),
+    "hflip": True,
+    "mean": transforms.IMAGENET_MEAN,
+    "std": transforms.IMAGENET_STD,
+    "worker_count": 0,
+    "worker_buffer_size": 1,
+}
+
+
+def _field(input_config: Any, name: str) -> Any:
+  return getattr(input_config, name, _DEFAULTS[name])
+
+
+def make_source(input_config: Any,
+                split: str) -> grain.sources.RandomAccessDataSource:
+  """The raw-record source named by `input_config.dataset`, for `split`."""
+  dataset = input_config.dataset
+  data_dir = _field(input_config, "data_dir")
+  if dataset == "demo":
+    return sources.demo_source(split, cache_dir=data_dir)
+  if dataset == "folder":
+    if not data_dir:
+      raise ValueError("dataset='folder' needs input_config.data_dir, the "
+                       "root holding <split>/<class>/<image> folders.")
+    return sources.folder_source(data_dir, split)
+  return sources.tfds_source(dataset, split, data_dir)
+
+
+def make_train_loader(
+    input_config: Any,
+    *,
+    image_size: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DataLoader:
+  """Infinite, shuffled, augmented batches of this host's shard.
+
+  Batches are `{'image': float32 [B, image_size, image_size, 3],
+  'skipped': int32 [B]}` with B = global_batch_size // process_count;
+  `skipped.sum()` counts undecodable records dropped (see `transforms`).
+  """
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  if global_batch_size % process_count:
+    raise ValueError(
+        f"global_batch_size={global_batch_size} is not divisible by the "
+        f"process count {process_count}; every host must load the same "
+        "number of examples.")
+  source = make_source(input_config, _field(input_config, "split"))
+  shard_options = grain.sharding.ShardOptions(
+      shard_index=process_index, shard_count=process_count,
+      drop_remainder=True)
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source), shard_options=shard_options, shuffle=True,
+      num_epochs=None, seed=seed)
+  skip = transforms.SkipUndecodable()
+  operations = [
+      transforms.DecodeImage(),
+      skip,
+      transforms.AttachSkipCount(skip),
+      transforms.RandomResizedCrop(
+          image_size, scale=tuple(_field(input_config, "crop_scale")),
+          ratio=tuple(_field(input_config, "crop_ratio"))),
+  ]
+  if _field(input_config, "hflip"):
+    operations.append(transforms.RandomHorizontalFlip())
+  operations += [
+      transforms.Normalize(tuple(_field(input_config, "mean")),
+                           tuple(_field(input_config, "std"))),
+      grain.transforms.Batch(global_batch_size // process_count,
+                             drop_remainder=True),
+  ]
+  worker_count = _field(input_config, "worker_count")
+  if worker_count and not flags.FLAGS.is_parsed():
+    # grain 0.2.18 workers read an absl flag and fail unless flags are parsed
+    # (google/grain#1355), as in scripts and tests that do not use absl.app.
+    flags.FLAGS.mark_as_parsed()
+  return grain.DataLoader(
+      data_source=source,
+      sampler=sampler,
+      operations=operations,
+      worker_count=worker_count,
+      worker_buffer_size=_field(input_config, "worker_buffer_size"),
+      shard_options=shard_options,
+  )
+
+
+def make_eval_batch(input_config: Any, *, image_size: int,
+                    num_images: int) -> np.ndarray:
+  """A fixed float32 [num_images, image_size, image_size, 3] normalised batch.
+
+  Images are spread evenly over the evaluation split (so folder-style splits,
+  sorted by class, show several classes), resized on the shorter side and
+  centre-cropped; undecodable ones are replaced by later records.
+  """
+  split = _field(input_config, "eval_split")
+  if split is None:
+    split = "val" if input_config.dataset in ("demo", "folder") else "validation"
+  source = make_source(input_config, split)
+  stride = max(1, len(source) // num_images)
+  order = [*range(0, len(source), stride),
+           *(i for i in range(len(source)) if i % stride)]
+  decode = transforms.DecodeImage()
+  crop = transforms.ResizeCenterCrop(image_size)
+  normalize = transforms.Normalize(tuple(_field(input_config, "mean")),
+                                   tuple(_field(input_config, "std")))
+  images = []
+  for index in order:
+    element = decode.map(source[index])
+    if element["image"] is not None:
+      images.append(normalize.map(crop.map(element))["image"])
+    if len(images) == num_images:
+      return np.stack(images)
+  raise ValueError(f"Split {split!r} has only {len(images)} decodable images; "
+                   f"{num_images} requested.")
+
+
+def to_global_array(local_batch: Any, sharding: jax.sharding.Sharding) -> Any:
+  """Assembles each host's local batch (a pytree) into global `jax.Array`s.
+
+  Each host's rows fill the slice of the leading axis that its devices own in
+  `sharding`, which should split only that (batch) axis, e.g.
+  `NamedSharding(mesh, P('data'))`; the global batch is the hosts' together.
+  """
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x),
+      local_batch)

@@ -1,0 +1,111 @@
+"""Random-access image sources for grain.
+
+Every source is indexable and returns records whose `image` entry is the
+encoded image (bytes) or, for tfds features that are stored decoded, a uint8
+array. Decoding happens later in `transforms.DecodeImage`, inside grain's
+workers, so that corrupt files are skipped there instead of crashing a read.
+
+Sources define a stable `__repr__`: grain compares it when an iterator state is
+restored, to refuse resuming on different data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import grain
+import tensorflow_datasets as tfds
+
+from mae_jax.data import demo
+
+# The extensions torchvision's ImageFolder (used by the reference MAE) accepts.
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
+)
+
+
+class ImageFolderSource:
+  """Image files listed once, read lazily; records carry bytes and the label."""
+
+  def __init__(self, root: str, paths: list[str], labels: list[int],
+               classes: list[str]):
+    self.root = root
+    self.paths = paths
+    self.labels = labels
+    self.classes = classes
+    digest = hashlib.sha1("\n".join(paths).encode()).hexdigest()[:12]
+    self._repr = (f"ImageFolderSource(num_records={len(paths)}, "
+                  f"num_classes={len(classes)}, files_sha1={digest})")
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    path = self.paths[index]
+    with open(os.path.join(self.root, path), "rb") as f:
+      data = f.read()
+    return {"image": data, "label": self.labels[index], "file_name": path}
+
+  def __repr__(self) -> str:
+    # Names the relative file list, not the root: the same files mounted
+    # elsewhere are the same data for resuming.
+    return self._repr
+
+
+def folder_source(root: str, split: str = "train") -> ImageFolderSource:
+  """Lists `root/<split>/<class>/**/<image>` in sorted, deterministic order."""
+  split_dir = os.path.join(os.path.expanduser(root), split)
+  if not os.path.isdir(split_dir):
+    raise FileNotFoundError(
+        f"Image folder {split_dir!r} does not exist: expected the layout "
+        f"{root}/{split}/<class>/<image>.jpg (as torchvision ImageFolder).")
+  classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    found = []
+    for dirpath, _, files in os.walk(os.path.join(split_dir, name),
+                                     followlinks=True):
+      found += [os.path.relpath(os.path.join(dirpath, f), split_dir)
+                for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    paths += sorted(found)
+    labels += [label] * len(found)
+  if not paths:
+    raise FileNotFoundError(
+        f"Image folder {split_dir!r} has no images: expected "
+        f"{split_dir}/<class>/<image> with extensions {IMAGE_EXTENSIONS}.")
+  return ImageFolderSource(split_dir, paths, labels, classes)
+
+
+def tfds_source(name: str, split: str,
+                data_dir: str | None = None) -> grain.sources.RandomAccessDataSource:
+  """Reads a prepared tfds dataset (ArrayRecord), never downloading.
+
+  Image features are returned as encoded bytes (tfds decoding skipped) so that
+  `DecodeImage` handles every image mode and skips corrupt ones.
+  """
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():
+    manual = (" --manual_dir=<dir holding the archives>"
+              if builder.MANUAL_DOWNLOAD_INSTRUCTIONS else "")
+    raise FileNotFoundError(
+        f"tfds dataset {name!r} is not prepared in data_dir "
+        f"{str(builder.data_dir_root)!r} (looked for {builder.data_dir}). "
+        "mae_jax never downloads; prepare it once (building needs tensorflow "
+        f"installed, reading does not): tfds build {name} "
+        f"--data_dir={builder.data_dir_root}{manual} "
+        "--file_format=array_record")
+  if "image" not in builder.info.features:
+    raise ValueError(f"tfds dataset {name!r} has no `image` feature; "
+                     f"features: {list(builder.info.features)}")
+  decoders = None
+  if isinstance(builder.info.features["image"], tfds.features.Image):
+    decoders = {"image": tfds.decode.SkipDecoding()}
+  return builder.as_data_source(split=split, decoders=decoders)
+
+
+def demo_source(split: str = "train",
+                cache_dir: str | None = None) -> ImageFolderSource:
+  """The bundled demo photographs (built once offline), split 'train' or 'val'."""
+  return folder_source(demo.build_demo(cache_dir), split)

@@ -1,0 +1,207 @@
+"""Per-record grain transforms: robust decoding and MAE's augmentation.
+
+Skipped images. `DecodeImage` never raises: an image that cannot be decoded
+becomes `{'image': None}` (with a logged warning naming the file when known),
+`SkipUndecodable` drops it and counts it, and `AttachSkipCount` writes the
+number of records dropped just before each surviving record into that record's
+`skipped` field. After batching, `batch['skipped'].sum()` is exactly the number
+of records skipped while producing the batch, and summing it over batches gives
+the total. Why this way: with grain worker processes every worker runs its own
+copy of these transforms, so a process-wide counter would be lost or need
+shared memory; a field travels with the batch through grain's output queue, is
+exact per worker, needs no locking, and stays right after a checkpoint restore
+(skips are recounted as records are re-read). It relies on a grain pipeline
+applying the filter and the map in order on one thread, which is how both the
+in-process and the per-worker pipelines run; each iterator must get its own
+transform objects (`pipeline.make_train_loader` builds fresh ones per call).
+
+Augmentation follows the reference MAE pretraining recipe: torchvision's
+RandomResizedCrop (bicubic), RandomHorizontalFlip, ToTensor and Normalize.
+Randomness comes only from the rng grain gives each record, seeded from the
+loader seed and the record's position in the sampler: a record's augmentation
+is the same whatever the number of workers (which only changes how records
+are grouped into batches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from typing import Any
+
+from absl import logging
+import grain
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def decode_rgb(image: bytes | np.ndarray) -> np.ndarray:
+  """Returns an RGB uint8 [H, W, 3] array from encoded bytes or an array.
+
+  Grayscale, palette, CMYK, YCbCr, ... go through PIL's RGB conversion; alpha
+  is dropped (as `convert('RGB')` in torchvision's loader); 16-bit grayscale is
+  rescaled rather than clipped at 255 as PIL would. Raises on corrupt data.
+  """
+  if not isinstance(image, np.ndarray):
+    with Image.open(io.BytesIO(image)) as pil:
+      pil.load()
+      if pil.mode not in _SIXTEEN_BIT_MODES:
+        return np.asarray(pil.convert("RGB"))
+      image = np.asarray(pil)
+  if image.dtype != np.uint8:  # 16-bit samples.
+    image = np.round(np.clip(image, 0, 65535) / 257).astype(np.uint8)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 2, 3, 4):
+    raise ValueError(f"Not an image array: shape {image.shape}")
+  if image.shape[-1] in (1, 2):  # Gray, gray + alpha.
+    return np.repeat(image[..., :1], 3, axis=-1)
+  return np.ascontiguousarray(image[..., :3])
+
+
+class DecodeImage(grain.transforms.Map):
+  """Decodes `image` to RGB uint8, or to None (logged) when undecodable."""
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    try:
+      return {"image": decode_rgb(element["image"])}
+    except Exception as e:  # pylint: disable=broad-except
+      # PIL raises many types (OSError, SyntaxError, DecompressionBombError..).
+      logging.warning("Skipping undecodable image %s: %s: %s",
+                      element.get("file_name", "<no file name>"),
+                      type(e).__name__, e)
+      return {"image": None}
+
+
+class SkipUndecodable(grain.transforms.Filter):
+  """Drops records `DecodeImage` could not decode, counting them."""
+
+  def __init__(self):
+    self.pending = 0
+
+  def filter(self, element: dict[str, Any]) -> bool:
+    if element["image"] is None:
+      self.pending += 1
+      return False
+    return True
+
+
+@dataclasses.dataclass
+class AttachSkipCount(grain.transforms.Map):
+  """Moves the count of records dropped since the last one into `skipped`."""
+
+  counter: SkipUndecodable
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    element["skipped"] = np.int32(self.counter.pending)
+    self.counter.pending = 0
+    return element
+
+
+def random_resized_crop_box(
+    height: int, width: int, rng: np.random.Generator,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+  """Returns (top, left, h, w) exactly as torchvision's RandomResizedCrop.
+
+  Ten tries of a random area fraction in `scale` and log-uniform aspect ratio
+  in `ratio`; if none fits, the largest centred crop with a ratio in range.
+  """
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    w, h = int(round(height * max(ratio))), height
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """PIL bicubic resize to (width, height) `size`, as torchvision does it."""
+  return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BICUBIC))
+
+
+@dataclasses.dataclass
+class RandomResizedCrop(grain.transforms.RandomMap):
+  """torchvision RandomResizedCrop with bicubic resize to a square."""
+
+  image_size: int
+  scale: tuple[float, float] = (0.2, 1.0)
+  ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+  def random_map(self, element: dict[str, Any],
+                 rng: np.random.Generator) -> dict[str, Any]:
+    image = element["image"]
+    top, left, h, w = random_resized_crop_box(*image.shape[:2], rng,
+                                              self.scale, self.ratio)
+    # Crop, then resize: PIL's resize(box=...) would also read pixels around
+    # the box, unlike torchvision.
+    crop = image[top:top + h, left:left + w]
+    return {**element,
+            "image": _resize(crop, (self.image_size, self.image_size))}
+
+
+class RandomHorizontalFlip(grain.transforms.RandomMap):
+  """Mirrors the image left-right with probability 1/2."""
+
+  def random_map(self, element: dict[str, Any],
+                 rng: np.random.Generator) -> dict[str, Any]:
+    if rng.random() < 0.5:
+      return {**element, "image": np.ascontiguousarray(element["image"][:, ::-1])}
+    return element
+
+
+@dataclasses.dataclass
+class ResizeCenterCrop(grain.transforms.Map):
+  """Evaluation view: shorter side to `image_size`, then centre square crop.
+
+  Sizes and offsets follow torchvision's Resize(int) and CenterCrop.
+  """
+
+  image_size: int
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    image = element["image"]
+    height, width = image.shape[:2]
+    size = self.image_size
+    if height <= width:
+      new_h, new_w = size, int(size * width / height)
+    else:
+      new_h, new_w = int(size * height / width), size
+    image = _resize(image, (new_w, new_h))
+    top = int(round((new_h - size) / 2))
+    left = int(round((new_w - size) / 2))
+    return {**element, "image": image[top:top + size, left:left + size]}
+
+
+@dataclasses.dataclass
+class Normalize(grain.transforms.Map):
+  """uint8 RGB -> float32 `(x / 255 - mean) / std`, mean and std per channel."""
+
+  mean: tuple[float, float, float] = IMAGENET_MEAN
+  std: tuple[float, float, float] = IMAGENET_STD
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    mean = np.asarray(self.mean, np.float32)
+    std = np.asarray(self.std, np.float32)
+    image = (element["image"].astype(np.float32) / 255.0 - mean) / std
+    return {**element, "image": image}

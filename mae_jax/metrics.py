@@ -1,0 +1,89 @@
+"""Metric outputs of a run (TensorBoard events, JSON lines, console) and FLOP estimates."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+from tensorboardX import SummaryWriter
+
+from mae_jax.config import ModelConfig
+
+# Dense bf16 peak FLOP/s per device, for the MFU estimate (vendor figures).
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "NVIDIA A100": 312e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """Peak FLOP/s of one device of this kind, or None when unknown (e.g. CPU)."""
+  for name, flops in PEAK_FLOPS.items():
+    if device_kind.startswith(name):
+      return flops
+  return None
+
+
+def _blocks_flops(tokens: int, width: int, mlp_dim: int, depth: int) -> float:
+  """Forward FLOPs of `depth` transformer blocks on `tokens` tokens (multiply-add = 2)."""
+  matmuls = tokens * (3 * width * width + width * width + 2 * width * mlp_dim)
+  attention = 2 * tokens * tokens * width  # q @ k^T and attn @ v
+  return 2.0 * depth * (matmuls + attention)
+
+
+def train_flops_per_image(cfg: ModelConfig) -> float:
+  """Model FLOPs of one training example (forward + backward = 3 x forward)."""
+  n = cfg.num_patches
+  enc_tokens = 1 + (n if cfg.encoder_mask_tokens else cfg.num_visible)
+  fwd = 2.0 * enc_tokens * cfg.patch_dim * cfg.width  # patch embedding
+  fwd += _blocks_flops(enc_tokens, cfg.width, cfg.mlp_dim, cfg.depth)
+  fwd += 2.0 * enc_tokens * cfg.width * cfg.decoder_width  # decoder embedding
+  fwd += _blocks_flops(1 + n, cfg.decoder_width, cfg.decoder_mlp_dim, cfg.decoder_depth)
+  fwd += 2.0 * (1 + n) * cfg.decoder_width * cfg.patch_dim  # pixel prediction
+  return 3.0 * fwd
+
+
+class MetricWriter:
+  """Writes scalars to TensorBoard and `metrics.jsonl`, images to TensorBoard.
+
+  Only process 0 writes; on other processes every call is a no-op.
+  """
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    if enabled:
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def scalars(self, step: int, values: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    values = {k: float(v) for k, v in values.items()}
+    for k, v in values.items():
+      self._tb.add_scalar(k, v, step)
+    self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+    self._jsonl.flush()
+
+  def image(self, step: int, tag: str, image: np.ndarray) -> None:
+    if self.enabled:
+      self._tb.add_image(tag, image, step, dataformats="HWC")
+
+  def close(self) -> None:
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+def progress_line(step: int, total: int, m: dict[str, float]) -> str:
+  eta = m.get("eta_s", 0.0)
+  mfu = f" mfu {m['mfu']:.1%}" if "mfu" in m else ""
+  return (f"step {step}/{total} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+          f"gnorm {m['grad_norm']:.3f} {m['images_per_s']:.1f} img/s "
+          f"{m['step_time_s'] * 1e3:.0f} ms/step{mfu} eta {eta / 3600:.2f} h")
+
+
+def log_progress(step: int, total: int, m: dict[str, float]) -> None:
+  logging.getLogger(__name__).info(progress_line(step, total, m))

@@ -1,0 +1,226 @@
+"""MAE pretraining loop: data -> sharded train step -> metrics, reconstructions, checkpoints.
+
+`train_and_evaluate(config, workdir)` runs (or resumes) a run in `workdir`:
+  WORKDIR/checkpoints/<step>/   Orbax: train state, data iterator state, config
+  WORKDIR/tensorboard/          TensorBoard events
+  WORKDIR/metrics.jsonl         the same scalars, one JSON object per log step
+  WORKDIR/reconstructions/      PNG grids: original | masked | reconstruction | + visible
+  WORKDIR/config.json           the full run config
+Every check on the config, the devices and the data happens before anything is compiled
+or written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from mae_jax import checkpointing, metrics as metrics_lib, optim, sharding, visualize
+from mae_jax.config import ModelConfig, model_config
+from mae_jax.data import pipeline
+from mae_jax.mae import forward
+from mae_jax.train_step import (State, abstract_state, check_batch, create_state,
+                                make_train_step, state_sharding)
+
+log = logging.getLogger(__name__)
+
+
+def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
+  """`config.model` (variant + field overrides) -> the frozen ModelConfig."""
+  fields = dict(config.model)
+  return model_config(fields.pop("variant", "B/16"), **fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Step counts of a run, derived from the config and the dataset size."""
+  steps_per_epoch: int
+  total_steps: int
+  warmup_steps: int
+  stop_step: int  # this invocation stops here (== total_steps unless config.stop_at_step)
+  peak_lr: float
+
+
+def plan_run(config: ml_collections.ConfigDict, num_examples: int) -> Plan:
+  steps_per_epoch = num_examples // config.batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(f"the dataset has {num_examples} examples, fewer than one global batch "
+                     f"of {config.batch_size}")
+  total = config.total_steps if config.total_steps > 0 else round(config.epochs *
+                                                                   steps_per_epoch)
+  warmup = config.warmup_steps if config.warmup_steps >= 0 else round(config.warmup_epochs *
+                                                                      steps_per_epoch)
+  stop = config.stop_at_step if config.stop_at_step > 0 else total
+  if stop > total:
+    raise ValueError(f"stop_at_step {stop} is past the end of the run ({total} steps)")
+  peak = config.lr if config.lr > 0 else optim.learning_rate(config.base_lr, config.batch_size)
+  return Plan(steps_per_epoch, total, warmup, stop, peak)
+
+
+def every(step: int, interval: int) -> bool:
+  return interval > 0 and step % interval == 0
+
+
+class Preemption:
+  """Tells when to save and exit on SIGTERM (preemption), on one host or on all of them.
+
+  Multi-process runs use JAX's preemption sync point (every host saves at the same step);
+  a single process sets a flag from its own SIGTERM handler.
+  """
+
+  def __init__(self, manager):
+    self._manager = manager
+    self._flag = threading.Event()
+    self._multi = jax.process_count() > 1
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+
+  def reached(self, step: int) -> bool:
+    return self._manager.reached_preemption(step) if self._multi else self._flag.is_set()
+
+  def close(self) -> None:
+    if hasattr(self, "_previous"):
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def fetch(values: dict[str, jax.Array]) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(values).items()}
+
+
+def timings(elapsed: float, steps: int, step: int, plan: Plan, batch_size: int,
+            flops_per_step: float, peak_flops: float | None) -> dict[str, float]:
+  """Step time, throughput, ETA and (on known accelerators) model FLOP utilisation."""
+  step_time = elapsed / steps
+  out = {"step_time_s": step_time, "images_per_s": batch_size / step_time,
+         "eta_s": step_time * (plan.total_steps - step)}
+  if peak_flops:
+    out["mfu"] = flops_per_step / step_time / (peak_flops * jax.device_count())
+  return out
+
+
+def check_finite(step: int, values: dict[str, float], ckpt: checkpointing.TrainCheckpointer,
+                 workdir: str) -> None:
+  if not all(math.isfinite(v) for v in values.values()):
+    raise FloatingPointError(
+        f"non-finite training metrics at step {step}: {values}; stopping without saving. "
+        f"The last good checkpoint (step {ckpt.latest_step()}) stays in {workdir}/checkpoints")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State:
+  """Pretrains (or resumes) MAE as configured; returns the final train state."""
+  # --- Checks: nothing compiled or written before these pass. ---
+  model = model_config_from(config)
+  check_batch(config.batch_size, jax.device_count(), config.grad_accum_steps)
+  saved = checkpointing.read_saved_model_config(workdir)
+  if saved is not None and saved != model:
+    raise ValueError(f"{workdir} holds a checkpoint of another model:\n saved:  {saved}\n "
+                     f"config: {model}\nuse a new workdir or the saved model config")
+  source = pipeline.make_source(config.input, config.input.split)
+  plan = plan_run(config, len(source))
+  schedule = optim.lr_schedule(plan.peak_lr, plan.warmup_steps, plan.total_steps)
+  tx = optim.make_optimizer(schedule, weight_decay=config.weight_decay, b1=config.b1,
+                            b2=config.b2)
+  loader = pipeline.make_train_loader(config.input, image_size=model.image_size,
+                                      global_batch_size=config.batch_size, seed=config.seed)
+  recon_images = (pipeline.make_eval_batch(config.input, image_size=model.image_size,
+                                           num_images=config.num_recon_images)
+                  if config.recon_every_steps > 0 else None)
+
+  # --- Set-up. ---
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  mesh = sharding.make_mesh(config.fsdp)
+  abstract = abstract_state(model, tx)
+  shardings = state_sharding(mesh, abstract)
+  data_iter = iter(loader)
+  ckpt = checkpointing.TrainCheckpointer(workdir, keep=config.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+    state = ckpt.restore(target, data_iter)
+    log.info("resumed from step %d in %s", int(state["step"]), workdir)
+  else:
+    state = create_state(model, tx, jax.random.key(config.seed), mesh)
+  train_step = make_train_step(model, tx, schedule, mesh, abstract,
+                               grad_accum_steps=config.grad_accum_steps, seed=config.seed)
+  saved_config = {"model": model.to_dict(), "config": json.loads(config.to_json_best_effort())}
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  preemption = Preemption(ckpt.manager)
+  batch_sharding = sharding.batch_sharding(mesh)
+  flops = metrics_lib.train_flops_per_image(model) * config.batch_size
+  peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
+  try:
+    step = first_step = int(state["step"])
+    log.info("training %s from step %d to %d (%d steps/epoch, peak lr %.3g)",
+                 model, step, plan.stop_step, plan.steps_per_epoch, plan.peak_lr)
+    skipped, previous, timer_step, timer = 0, None, step, time.perf_counter()
+    while step < plan.stop_step:
+      batch = next(data_iter)
+      skipped += int(batch["skipped"].sum())
+      state, step_metrics = train_step(
+          state, pipeline.to_global_array(batch["image"], batch_sharding))
+      step += 1
+      if previous is not None:  # check the previous step while this one runs
+        check_finite(previous[0], fetch(previous[1]), ckpt, workdir)
+      previous = (step, step_metrics)
+      if step == first_step + 1:  # leave compilation out of the timings
+        jax.block_until_ready(step_metrics)
+        timer_step, timer = step, time.perf_counter()
+      if every(step, config.log_every_steps) or step == plan.stop_step:
+        values = fetch(step_metrics)
+        check_finite(step, values, ckpt, workdir)
+        if step > timer_step:
+          values.update(timings(time.perf_counter() - timer, step - timer_step, step, plan,
+                                config.batch_size, flops, peak))
+          timer_step, timer = step, time.perf_counter()
+          metrics_lib.log_progress(step, plan.total_steps, values)
+        values.update(epoch=step / plan.steps_per_epoch, data_skipped=skipped)
+        writer.scalars(step, values)
+      if recon_images is not None and (every(step, config.recon_every_steps)
+                                       or step == plan.stop_step):
+        write_reconstructions(workdir, step, state["params"], recon_images, model, config,
+                              mesh, writer)
+      preempted = preemption.reached(step)
+      if (preempted or every(step, config.checkpoint_every_steps)
+          or step == plan.stop_step):
+        check_finite(step, fetch(step_metrics), ckpt, workdir)
+        ckpt.save(step, state, data_iter, saved_config, force=True)
+      if preempted:
+        log.warning("preempted (SIGTERM): saved step %d, exiting", step)
+        break
+  finally:
+    preemption.close()
+    writer.close()
+    ckpt.close()
+  return state
+
+
+def write_reconstructions(workdir: str, step: int, params, images: np.ndarray,
+                          model: ModelConfig, config: ml_collections.ConfigDict, mesh,
+                          writer: metrics_lib.MetricWriter) -> None:
+  """Runs the model on the fixed images with fixed masks; process 0 writes the PNG."""
+  noise = jax.random.uniform(jax.random.key(0), (images.shape[0], model.num_patches))
+  out = jax.jit(lambda p, x, n: forward(p, x, None, model, n),
+                out_shardings=sharding.replicated(mesh))(
+                    params, jax.device_put(images, sharding.replicated(mesh)), noise)
+  if jax.process_index() != 0:
+    return
+  panels = visualize.reconstruction_panels(images, jax.device_get(out), model,
+                                           tuple(config.input.mean), tuple(config.input.std))
+  grid = visualize.grid_image(panels)
+  os.makedirs(os.path.join(workdir, "reconstructions"), exist_ok=True)
+  visualize.save_png(os.path.join(workdir, "reconstructions", f"step_{step:08d}.png"), grid)
+  writer.image(step, "reconstructions", grid)
