@@ -32,8 +32,15 @@ def config_from_dict(d: dict[str, Any]) -> ModelConfig:
 
 
 def abstract_params(config: ModelConfig, encoder_only: bool = False) -> Params:
-  """ShapeDtypeStructs of the parameters of `config`, without allocating them."""
+  """ShapeDtypeStructs of the parameters of `config` on this process's first device.
+
+  The target carries a sharding so a checkpoint written on any topology (a pod, several
+  hosts) restores here; no weights are allocated.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   shapes = jax.eval_shape(init_params, config, jax.random.key(0))
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        shapes)
   return {"encoder": shapes["encoder"]} if encoder_only else shapes
 
 
@@ -87,7 +94,9 @@ def load_params(path: str) -> tuple[Params, ModelConfig]:
     # A training step: restore only the params out of the full train state.
     target = {"params": abstract_params(config)}
     restored = ckptr.restore(path, ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(target, partial_restore=True)))
+        state=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))
     return restored["state"]["params"], config
 
 

@@ -91,7 +91,7 @@ def make_train_step(model: ModelConfig, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                  "opt_state": opt_state}
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state["step"])}
     return new_state, metrics
 

@@ -1,0 +1,523 @@
+"""Loads pretrained MAE weights into mae_jax params, and converts them to Orbax checkpoints.
+
+Three sources, all ending as (params, ModelConfig):
+  * official facebookresearch/mae PyTorch checkpoints (`.pth`: `{'model': state_dict, ...}` or a
+    plain state_dict; with decoder, or encoder only as the released `mae_pretrain_vit_*.pth`),
+  * Hugging Face ViTMAE directories (`config.json` + `model.safetensors` or `pytorch_model.bin`,
+    with the key names of the hub checkpoints or those `save_pretrained` of transformers 5.x
+    writes),
+  * mae_jax Orbax checkpoints (see `mae_jax.checkpointing`).
+Hugging Face names are first mapped to the reference's names, so one converter builds the params.
+
+Pickled files (`.pth`, `.bin`) are read by a restricted unpickler that only rebuilds tensors (as
+numpy arrays), dicts and argparse namespaces: no code from the file runs, and torch is not needed.
+
+Command line: `python -m mae_jax.convert SRC DST [--variant B/16] [--num_heads N ...]` writes SRC
+as an Orbax params checkpoint DST.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import math
+import os
+import pickle
+import re
+import sys
+import zipfile
+from typing import IO, Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+from mae_jax import checkpointing
+from mae_jax.config import FIELDS, VARIANTS, ModelConfig, model_config
+from mae_jax.mae import Params
+from mae_jax.posemb import sincos_2d
+
+StateDict = dict[str, np.ndarray]
+
+# Head counts are not in a state dict: the paper's variants by width, and its decoder's 16 heads.
+PAPER_HEADS = {v["width"]: v["num_heads"] for v in VARIANTS.values()}
+PAPER_DECODER_HEADS = 16
+POSEMB_ATOL = 1e-4
+
+# --- Safe reading of torch.save files (zip format) -------------------------------------------
+
+_STORAGE_DTYPES = {
+    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
+    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+}
+
+
+class _StorageType(NamedTuple):
+  """Stands for a torch storage class in a pickle; it only carries the element dtype."""
+  dtype: np.dtype
+
+
+def _rebuild_tensor(storage: np.ndarray, offset: int, size: Sequence[int],
+                    stride: Sequence[int], *unused: Any) -> np.ndarray:
+  """torch._utils._rebuild_tensor_v2 as numpy: a bounds-checked strided copy of a storage."""
+  size, stride = tuple(size), tuple(stride)
+  ints = (offset, *size, *stride)
+  if (not isinstance(storage, np.ndarray) or len(size) != len(stride)
+      or not all(isinstance(v, int) and v >= 0 for v in ints)):
+    raise pickle.UnpicklingError(f"malformed tensor (offset {offset}, size {size}, "
+                                 f"stride {stride})")
+  if 0 in size:
+    return np.zeros(size, storage.dtype)
+  last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+  if last >= storage.size:
+    raise pickle.UnpicklingError(f"tensor of size {size} reads past its storage")
+  view = np.lib.stride_tricks.as_strided(storage[offset:], size,
+                                         [s * storage.itemsize for s in stride], writeable=False)
+  return np.array(view)
+
+
+def _rebuild_parameter(data: np.ndarray, *unused: Any) -> np.ndarray:
+  return data
+
+
+_SAFE_GLOBALS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("argparse", "Namespace"): argparse.Namespace,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+  """Unpickles torch's data.pkl allowing only the globals above; storages come from the zip."""
+
+  def __init__(self, file: IO[bytes], archive: zipfile.ZipFile, prefix: str):
+    super().__init__(file)
+    self._archive, self._prefix = archive, prefix
+    self._big_endian = (archive.read(prefix + "byteorder").strip() == b"big"
+                        if prefix + "byteorder" in archive.namelist() else False)
+    self._storages: dict[str, np.ndarray] = {}
+
+  def find_class(self, module: str, name: str) -> Any:
+    if module == "torch" and name in _STORAGE_DTYPES:
+      return _StorageType(np.dtype(_STORAGE_DTYPES[name]))
+    if (module, name) in _SAFE_GLOBALS:
+      return _SAFE_GLOBALS[module, name]
+    raise pickle.UnpicklingError(
+        f"refusing to load the global '{module}.{name}'. Only tensors, dicts and "
+        f"argparse.Namespace are read from pickled checkpoints; this file may run code when "
+        f"loaded with plain pickle or torch.load without weights_only")
+
+  def persistent_load(self, pid: Any) -> np.ndarray:
+    if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)):
+      raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
+    dtype, key, numel = pid[1].dtype, str(pid[2]), pid[4]
+    if key not in self._storages:
+      try:
+        data = self._archive.read(f"{self._prefix}data/{key}")
+      except KeyError:
+        raise pickle.UnpicklingError(f"storage {key} is missing") from None
+      storage = np.frombuffer(data, dtype, count=len(data) // dtype.itemsize)
+      if storage.size < numel:
+        raise pickle.UnpicklingError(f"storage {key} is truncated")
+      self._storages[key] = storage.byteswap() if self._big_endian else storage
+    return self._storages[key]
+
+
+def safe_load_torch(path: str) -> Any:
+  """Reads a `torch.save` file (zip format) without torch and without running its code.
+
+  Tensors come back as numpy arrays with their storage dtype (bfloat16 via ml_dtypes).
+  Any global besides tensors, OrderedDict and argparse.Namespace is refused.
+  """
+  path = os.fspath(path)
+  if not zipfile.is_zipfile(path):
+    raise ValueError(
+        f"{path} is not in torch's zip format (a legacy torch.save file or a plain pickle); "
+        f"mae_jax does not unpickle those. Re-save it with torch >= 1.6: "
+        f"torch.save(torch.load(path, weights_only=True), new_path)")
+  with zipfile.ZipFile(path) as archive:
+    pickles = [n for n in archive.namelist() if re.fullmatch(r"[^/]+/data\.pkl", n)]
+    if len(pickles) != 1:
+      raise ValueError(f"{path}: not a torch checkpoint (no single <archive>/data.pkl)")
+    with archive.open(pickles[0]) as f:
+      try:
+        return _RestrictedUnpickler(f, archive, pickles[0][:-len("data.pkl")]).load()
+      except (pickle.UnpicklingError, EOFError, TypeError, AttributeError) as e:
+        raise pickle.UnpicklingError(f"{path}: {e}") from None
+
+
+# --- Reading state dicts -----------------------------------------------------------------------
+
+def _read_state_dict(path: str) -> tuple[StateDict, dict[str, Any]]:
+  """A weights file -> (state dict of numpy arrays, training args if the file holds them)."""
+  if path.endswith(".safetensors"):
+    with safe_open(path, framework="numpy") as f:
+      return {k: f.get_tensor(k) for k in f.keys()}, {}
+  obj = safe_load_torch(path)
+  args: dict[str, Any] = {}
+  if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+    if isinstance(obj.get("args"), argparse.Namespace):
+      args = vars(obj["args"])
+    obj = obj["model"]
+  if not (isinstance(obj, dict) and obj and all(isinstance(v, np.ndarray) for v in obj.values())):
+    keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+    raise ValueError(f"{path}: no state dict found (expected {{'model': state_dict}} or a "
+                     f"state dict of tensors; got {keys})")
+  return dict(obj), args
+
+
+# Hugging Face ViTMAE names -> reference names. Layer prefixes: hub files and transformers' in-
+# memory modules for the encoder; hub files, the in-memory modules and the `decoder_encoder.layer`
+# that transformers 5.x `save_pretrained` writes for the decoder.
+_HF_LAYER = re.compile(r"(?:(decoder)\.(?:decoder_layers|decoder_encoder\.layer)|"
+                       r"encoder\.layer|layers)\.(\d+)\.(.+)")
+_HF_LAYER_PARTS = (
+    (r"attention\.attention\.(query|key|value)\.", lambda m: f"attn.{m[1][0]}."),
+    (r"attention\.([qkv])_proj\.", r"attn.\1."),
+    (r"attention\.(?:output\.dense|o_proj)\.", "attn.proj."),
+    (r"(?:intermediate\.dense|mlp\.fc1)\.", "mlp.fc1."),
+    (r"(?:output\.dense|mlp\.fc2)\.", "mlp.fc2."),
+    (r"layernorm_before\.", "norm1."),
+    (r"layernorm_after\.", "norm2."),
+)
+_HF_OTHER = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+
+
+def _is_hf(sd: StateDict) -> bool:
+  return any(k.startswith(("vit.embeddings.", "embeddings.")) for k in sd)
+
+
+def _hf_name(key: str) -> str:
+  """One Hugging Face key -> the reference's name (q/k/v still apart); unknown keys unchanged."""
+  key = key.removeprefix("vit.")
+  if key in _HF_OTHER:
+    return _HF_OTHER[key]
+  m = _HF_LAYER.fullmatch(key)
+  if m:
+    for pattern, repl in _HF_LAYER_PARTS:
+      rest, n = re.subn(rf"^{pattern}", repl, m[3])
+      if n:
+        return f"{'decoder_blocks' if m[1] else 'blocks'}.{m[2]}.{rest}"
+    return key
+  return key.removeprefix("decoder.")  # mask_token, decoder_pos_embed, decoder_embed, ...
+
+
+def _from_hf(sd: StateDict) -> StateDict:
+  """Renames Hugging Face keys to the reference's and fuses query, key, value into qkv."""
+  out = {_hf_name(k): v for k, v in sd.items()}
+  for name in [k for k in out if re.search(r"\.attn\.q\.(weight|bias)$", k)]:
+    parts = [name.replace(".attn.q.", f".attn.{c}.") for c in "qkv"]
+    if all(p in out for p in parts):
+      out[name.replace(".attn.q.", ".attn.qkv.")] = np.concatenate([out.pop(p) for p in parts])
+  return out
+
+
+# --- Architecture of a state dict (reference names) --------------------------------------------
+
+_BLOCK_KEYS = tuple(f"{m}.{w}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1",
+                                          "mlp.fc2") for w in ("weight", "bias"))
+_ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
+                 "norm.weight", "norm.bias")
+_DECODER_KEYS = ("mask_token", "decoder_pos_embed", "decoder_embed.weight", "decoder_embed.bias",
+                 "decoder_norm.weight", "decoder_norm.bias", "decoder_pred.weight",
+                 "decoder_pred.bias")
+
+
+def _num_blocks(sd: StateDict, prefix: str) -> int:
+  """How many distinct `prefix.N.` blocks; gaps in N show up as missing keys later."""
+  return len({m[1] for k in sd if (m := re.match(rf"{prefix}\.(\d+)\.", k))})
+
+
+def _listing(names: set[str]) -> str:
+  shown = sorted(names)[:5]
+  return ", ".join(shown) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+
+
+def _architecture(sd: StateDict, source: str) -> tuple[dict[str, Any], bool]:
+  """Checks the key set of a reference-named state dict; returns (sizes from shapes, encoder_only).
+
+  Sizes are keyed by ModelConfig field or property names, to be compared with a config.
+  """
+  depth = _num_blocks(sd, "blocks")
+  decoder_depth = _num_blocks(sd, "decoder_blocks")
+  encoder_only = not any(k.startswith("decoder_") for k in sd)
+  # At least one block each, so that a file without blocks reports blocks.0.* as missing.
+  expected = set(_ENCODER_KEYS) | {f"blocks.{i}.{k}" for i in range(max(depth, 1))
+                                   for k in _BLOCK_KEYS}
+  if not encoder_only:
+    expected |= set(_DECODER_KEYS) | {f"decoder_blocks.{i}.{k}"
+                                      for i in range(max(decoder_depth, 1)) for k in _BLOCK_KEYS}
+  missing = expected - set(sd)
+  unexpected = set(sd) - expected - ({"mask_token"} if encoder_only else set())
+  if missing or unexpected:
+    raise ValueError(
+        f"{source} is not an MAE checkpoint that mae_jax can load (names as in the reference "
+        f"facebookresearch/mae): missing keys: {_listing(missing) or 'none'}; "
+        f"unexpected keys: {_listing(unexpected) or 'none'}")
+  conv, pos = sd["patch_embed.proj.weight"], sd["pos_embed"]  # [D, C, p, p], [1, 1 + N, D]
+  grid = math.isqrt(pos.shape[1] - 1) if pos.ndim == 3 and pos.shape[1] > 1 else 0
+  if conv.ndim != 4 or conv.shape[2] != conv.shape[3] or not grid or grid**2 + 1 != pos.shape[1]:
+    raise ValueError(f"{source}: only square patches on a square grid are supported "
+                     f"(patch_embed {conv.shape}, pos_embed {pos.shape})")
+  arch = dict(width=conv.shape[0], channels=conv.shape[1], patch_size=conv.shape[2],
+              image_size=grid * conv.shape[2], depth=depth,
+              mlp_dim=sd["blocks.0.mlp.fc1.weight"].shape[0], encoder_mask_tokens=False)
+  if not encoder_only:
+    arch.update(decoder_width=sd["decoder_embed.weight"].shape[0], decoder_depth=decoder_depth,
+                decoder_mlp_dim=sd["decoder_blocks.0.mlp.fc1.weight"].shape[0])
+  return arch, encoder_only
+
+
+# --- Configs -----------------------------------------------------------------------------------
+
+ARCH_FIELDS = ("image_size", "patch_size", "channels", "width", "depth", "num_heads", "mlp_dim",
+               "decoder_width", "decoder_depth", "decoder_num_heads", "decoder_mlp_dim",
+               "encoder_mask_tokens")
+
+
+def _check_config(config: ModelConfig, found: dict[str, Any], source: str) -> None:
+  """Raises a ValueError listing each field where `config` differs from what `source` holds."""
+  diffs = [f"{name}: config {getattr(config, name)}, {source} {value}"
+           for name, value in found.items() if getattr(config, name) != value]
+  if diffs:
+    raise ValueError(f"config does not match the checkpoint ({'; '.join(diffs)})")
+
+
+def _arch_of(config: ModelConfig, encoder_only: bool) -> dict[str, Any]:
+  return {f: getattr(config, f) for f in ARCH_FIELDS
+          if not (encoder_only and f.startswith("decoder_"))}
+
+
+def _infer_config(arch: dict[str, Any], args: dict[str, Any], source: str) -> ModelConfig:
+  """A config for a reference state dict: sizes from shapes, heads of the paper's variants."""
+  width = arch["width"]
+  if width not in PAPER_HEADS:
+    raise ValueError(f"{source}: width {width} is none of the paper's variants "
+                     f"({sorted(PAPER_HEADS)}), so its head count is unknown; pass a config, "
+                     f"e.g. load_pretrained(path, model_config(..., num_heads=N))")
+  fields = dict(image_size=arch["image_size"], patch_size=arch["patch_size"],
+                channels=arch["channels"], width=width, depth=arch["depth"],
+                num_heads=PAPER_HEADS[width], mlp_ratio=arch["mlp_dim"] / width)
+  if "decoder_width" in arch:
+    fields.update(decoder_width=arch["decoder_width"], decoder_depth=arch["decoder_depth"],
+                  decoder_num_heads=PAPER_DECODER_HEADS)
+  # A training checkpoint's args say how it was trained.
+  fields.update({k: args[k] for k in ("mask_ratio", "norm_pix_loss") if k in args})
+  try:
+    config = ModelConfig(**fields)
+  except ValueError as e:
+    raise ValueError(f"{source}: cannot infer a config ({e}); pass one") from None
+  _check_config(config, arch, source)  # e.g. a decoder MLP ratio unlike the encoder's
+  return config
+
+
+# Hugging Face ViTMAEConfig defaults, for keys a config.json leaves out.
+_HF_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                    intermediate_size=3072, hidden_act="gelu", layer_norm_eps=1e-12,
+                    image_size=224, patch_size=16, num_channels=3, qkv_bias=True,
+                    decoder_num_attention_heads=16, decoder_hidden_size=512,
+                    decoder_num_hidden_layers=8, decoder_intermediate_size=2048,
+                    mask_ratio=0.75, norm_pix_loss=False)
+
+
+def _config_from_hf(path: str) -> ModelConfig:
+  """config.json of a Hugging Face ViTMAE -> ModelConfig; an unrepresentable one is an error."""
+  with open(path) as f:
+    hf = {**_HF_DEFAULTS, **json.load(f)}
+
+  def fail(why: str):
+    raise ValueError(f"{path}: {why}; mae_jax cannot represent this model")
+
+  if hf.get("model_type", "vit_mae") != "vit_mae":
+    fail(f"model_type is {hf['model_type']!r}, not 'vit_mae'")
+  if hf["hidden_act"] != "gelu":
+    fail(f"hidden_act is {hf['hidden_act']!r}; mae_jax uses exact GELU (Hugging Face 'gelu')")
+  if not hf["qkv_bias"]:
+    fail("qkv_bias is false; mae_jax's attention has a qkv bias")
+  sizes = {}
+  for key in ("image_size", "patch_size"):
+    value = hf[key]
+    if isinstance(value, (list, tuple)):
+      if len(set(value)) != 1:
+        fail(f"{key} is {value}, not square")
+      value = value[0]
+    sizes[key] = value
+  width, mlp = hf["hidden_size"], hf["intermediate_size"]
+  if int(hf["decoder_hidden_size"] * (mlp / width)) != hf["decoder_intermediate_size"]:
+    fail(f"the decoder's MLP ratio (decoder_intermediate_size {hf['decoder_intermediate_size']}"
+         f" / decoder_hidden_size {hf['decoder_hidden_size']}) differs from the encoder's "
+         f"(intermediate_size {mlp} / hidden_size {width})")
+  return ModelConfig(
+      **sizes, channels=hf["num_channels"], width=width, depth=hf["num_hidden_layers"],
+      num_heads=hf["num_attention_heads"], mlp_ratio=mlp / width,
+      decoder_width=hf["decoder_hidden_size"], decoder_depth=hf["decoder_num_hidden_layers"],
+      decoder_num_heads=hf["decoder_num_attention_heads"], mask_ratio=hf["mask_ratio"],
+      norm_pix_loss=hf["norm_pix_loss"], layer_norm_eps=hf["layer_norm_eps"])
+
+
+# --- Reference state dict -> params ------------------------------------------------------------
+
+def _check_posemb(sd: StateDict, config: ModelConfig, source: str) -> None:
+  """Position embeddings in a file must be the fixed 2D sin-cos ones mae_jax computes.
+
+  They are compared after rounding ours to the file's dtype, so half-precision files pass.
+  """
+  for key, dim in (("pos_embed", config.width), ("decoder_pos_embed", config.decoder_width)):
+    if key not in sd:
+      continue
+    got = sd[key]
+    want = sincos_2d(dim, config.grid_size, cls_token=True)[None].astype(got.dtype)
+    if got.shape != want.shape:
+      raise ValueError(f"{source}: {key} has shape {got.shape}, the config needs {want.shape}")
+    err = float(np.max(np.abs(got.astype(np.float32) - want.astype(np.float32))))
+    if not err <= POSEMB_ATOL:
+      raise ValueError(f"{source}: {key} is not the fixed 2D sin-cos embedding (max difference "
+                       f"{err:.3g}); learned or interpolated position embeddings are not "
+                       f"supported")
+
+
+def _dense(sd: StateDict, name: str) -> Params:
+  return {"kernel": sd[f"{name}.weight"].T, "bias": sd[f"{name}.bias"]}
+
+
+def _norm(sd: StateDict, name: str) -> Params:
+  return {"scale": sd[f"{name}.weight"], "bias": sd[f"{name}.bias"]}
+
+
+def _block(sd: StateDict, name: str) -> Params:
+  return {"norm1": _norm(sd, f"{name}.norm1"), "norm2": _norm(sd, f"{name}.norm2"),
+          "attn": {"qkv": _dense(sd, f"{name}.attn.qkv"), "proj": _dense(sd, f"{name}.attn.proj")},
+          "mlp": {"fc1": _dense(sd, f"{name}.mlp.fc1"), "fc2": _dense(sd, f"{name}.mlp.fc2")}}
+
+
+def _to_params(sd: StateDict, config: ModelConfig, encoder_only: bool, source: str) -> Params:
+  """Reference state dict -> float32 params, each shape checked against the model's."""
+  conv = sd["patch_embed.proj.weight"]  # [D, C, p, p] -> [p, p, C, D] -> [p*p*C, D]
+  params = {"encoder": {
+      "patch_embed": {"kernel": conv.transpose(2, 3, 1, 0).reshape(-1, conv.shape[0]),
+                      "bias": sd["patch_embed.proj.bias"]},
+      "cls_token": sd["cls_token"],
+      **{f"blocks_{i}": _block(sd, f"blocks.{i}") for i in range(config.depth)},
+      "norm": _norm(sd, "norm")}}
+  if not encoder_only:
+    params["decoder"] = {
+        "decoder_embed": _dense(sd, "decoder_embed"), "mask_token": sd["mask_token"],
+        **{f"decoder_blocks_{i}": _block(sd, f"decoder_blocks.{i}")
+           for i in range(config.decoder_depth)},
+        "decoder_norm": _norm(sd, "decoder_norm"), "decoder_pred": _dense(sd, "decoder_pred")}
+  expected = {jax.tree_util.keystr(path): x.shape for path, x in
+              jax.tree_util.tree_leaves_with_path(checkpointing.abstract_params(config,
+                                                                                encoder_only))}
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    name = jax.tree_util.keystr(path)
+    if x.shape != expected.get(name):
+      raise ValueError(f"{source}: params{name} has shape {x.shape} in the file, the model "
+                       f"needs {expected.get(name)}")
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+
+
+# --- Public entry points -----------------------------------------------------------------------
+
+def load_pretrained(path: str, config: ModelConfig | None = None) -> tuple[Params, ModelConfig]:
+  """Reads MAE weights: an official `.pth`, a Hugging Face ViTMAE directory, or Orbax.
+
+  `config` supplies what a file cannot say (a `.pth` holds no head count) and is checked against
+  what the file does say (sizes from shapes, and heads where the file records them); its training
+  options (mask_ratio, norm_pix_loss, layer_norm_eps, dtype) are kept. Without it, a `.pth` gets
+  the paper's head counts for its width. Files without a decoder load as {'encoder': ...} only.
+  Params are float32 jax arrays. Everything is checked before they are returned; nothing is
+  compiled or written.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist")
+  if checkpointing.is_orbax_dir(path):
+    params, saved = checkpointing.load_params(path)
+    if config is not None:
+      _check_config(config, _arch_of(saved, "decoder" not in params), path)
+    return params, config if config is not None else saved
+
+  hf_config = None
+  if os.path.isdir(path):
+    if not os.path.isfile(os.path.join(path, "config.json")):
+      raise ValueError(f"{path} is neither an mae_jax Orbax checkpoint nor a Hugging Face "
+                       f"directory (no config.json)")
+    hf_config = _config_from_hf(os.path.join(path, "config.json"))
+    names = [n for n in ("model.safetensors", "pytorch_model.bin")
+             if os.path.isfile(os.path.join(path, n))]
+    if not names:
+      raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin next to config.json")
+    path = os.path.join(path, names[0])
+  sd, args = _read_state_dict(path)
+  if _is_hf(sd):
+    sd = _from_hf(sd)
+  arch, encoder_only = _architecture(sd, path)
+  if hf_config is not None:
+    _check_config(hf_config, arch, path)  # config.json against the weights' shapes
+    if config is not None:
+      _check_config(config, _arch_of(hf_config, encoder_only), "config.json")
+    config = config if config is not None else hf_config
+  elif config is not None:
+    _check_config(config, arch, path)
+  else:
+    config = _infer_config(arch, args, path)
+  _check_posemb(sd, config, path)
+  return _to_params(sd, config, encoder_only, path), config
+
+
+def _parse_bool(text: str) -> bool:
+  if text.lower() not in ("true", "false", "1", "0"):
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+  return text.lower() in ("true", "1")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m mae_jax.convert SRC DST`: writes SRC's weights as an Orbax params checkpoint."""
+  parser = argparse.ArgumentParser(
+      prog="python -m mae_jax.convert",
+      description="Convert an official MAE .pth, a Hugging Face ViTMAE directory or an mae_jax "
+                  "checkpoint into an mae_jax Orbax params checkpoint.")
+  parser.add_argument("src", help="weights to read")
+  parser.add_argument("dst", help="Orbax checkpoint directory to create (never overwritten)")
+  parser.add_argument("--variant", choices=list(VARIANTS),
+                      help="base config the overrides below apply to (default B/16 when any "
+                           "override is given); without both, the file's architecture is used")
+  for field in dataclasses.fields(ModelConfig):
+    kind = type(field.default)
+    parser.add_argument(f"--{field.name}", type=_parse_bool if kind is bool else kind,
+                        help=f"model config override ({kind.__name__})")
+  args = parser.parse_args(argv)
+  if os.path.exists(args.dst):
+    parser.error(f"{args.dst} exists; refusing to overwrite it")
+  overrides = {k: getattr(args, k) for k in FIELDS if getattr(args, k) is not None}
+  try:
+    config = (model_config(args.variant or "B/16", **overrides)
+              if args.variant or overrides else None)
+    params, config = load_pretrained(args.src, config)
+  except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
+    parser.exit(1, f"error: {e}\n")
+  checkpointing.save_params(args.dst, params, config)
+  counts = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in params.items()}
+  print(f"wrote {args.dst}: {sum(counts.values()):,} parameters ("
+        + ", ".join(f"{k} {n:,}" for k, n in counts.items()) + ")")
+  print(f"config: {config.to_dict()}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
