@@ -1,0 +1,120 @@
+"""One MAE pretraining step (forward, backward, AdamW) timed side by side, in one run.
+
+  python benchmarks/mae_step.py [--variant B/16] [--batch 16] [--repeats 5] [--torch]
+
+Rows, each timed round-robin with the others so machine drift hits all alike:
+  * mae_jax as shipped: the encoder sees only the visible 25% of the patches;
+  * the paper's ablation with mask tokens in the encoder (all patches): the speedup of the
+    real design is the ratio of the two;
+  * mae_jax with jax.nn.gelu's erfc form and with the tanh approximation in place of the erf
+    GELU, to show what exact GELU costs;
+  * with --torch, the same step in PyTorch (transformers' ViTMAEForPreTraining, AdamW), the
+    reference architecture, on the same number of threads.
+Float32 throughout (XLA on CPU has no fast bfloat16 matmul). Prints median ms per step and
+each row relative to the first.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+import optax
+
+from mae_jax import model_config, models, sharding
+from mae_jax.train_step import abstract_state, create_state, make_train_step
+
+GELUS = {"erfc": lambda x: jax.nn.gelu(x, approximate=False),
+         "tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
+def jax_step(config, batch: int, gelu: str | None = None) -> Callable[[], None]:
+  """A ready-to-run closure doing one train step; compiled before returning."""
+  mesh = sharding.make_mesh()
+  schedule = optax.constant_schedule(1e-4)
+  tx = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.05)
+  state = create_state(config, tx, jax.random.key(0), mesh)
+  step = make_train_step(config, tx, schedule, mesh, abstract_state(config, tx))
+  images = jax.device_put(jax.random.normal(jax.random.key(1), (batch, config.image_size,
+                                                                config.image_size, 3)),
+                          sharding.batch_sharding(mesh))
+  holder = {"state": state}
+  shipped = models.gelu
+  if gelu:
+    models.gelu = GELUS[gelu]  # traced into this step only
+  try:
+    holder["state"], m = step(holder["state"], images)
+    jax.block_until_ready(m)
+  finally:
+    models.gelu = shipped
+
+  def run():
+    holder["state"], m = step(holder["state"], images)
+    jax.block_until_ready(m)
+  return run
+
+
+def torch_step(config, batch: int) -> Callable[[], None]:
+  import torch
+  from transformers import ViTMAEConfig, ViTMAEForPreTraining
+  torch.manual_seed(0)
+  hf = ViTMAEConfig(
+      hidden_size=config.width, num_hidden_layers=config.depth,
+      num_attention_heads=config.num_heads, intermediate_size=config.mlp_dim,
+      image_size=config.image_size, patch_size=config.patch_size,
+      decoder_hidden_size=config.decoder_width, decoder_num_hidden_layers=config.decoder_depth,
+      decoder_num_attention_heads=config.decoder_num_heads,
+      decoder_intermediate_size=config.decoder_mlp_dim, mask_ratio=config.mask_ratio,
+      norm_pix_loss=config.norm_pix_loss, layer_norm_eps=config.layer_norm_eps,
+      hidden_act="gelu")
+  model = ViTMAEForPreTraining(hf).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+  images = torch.randn(batch, 3, config.image_size, config.image_size)
+
+  def run():
+    opt.zero_grad(set_to_none=True)
+    model(pixel_values=images).loss.backward()
+    opt.step()
+  run()
+  return run
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--variant", default="B/16")
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--torch", action="store_true")
+  args = parser.parse_args()
+  config = model_config(args.variant, dtype="float32")
+  rows = {
+      "mae_jax (encoder on visible patches)": jax_step(config, args.batch),
+      "ablation: mask tokens in the encoder": jax_step(
+          model_config(args.variant, dtype="float32", encoder_mask_tokens=True), args.batch),
+      "mae_jax with jax.nn.gelu erfc form": jax_step(config, args.batch, "erfc"),
+      "mae_jax with tanh GELU (not faithful)": jax_step(config, args.batch, "tanh"),
+  }
+  if args.torch:
+    import torch
+    torch.set_num_threads(os.cpu_count())
+    rows[f"PyTorch {torch.__version__} ViTMAE (reference arch)"] = torch_step(config,
+                                                                               args.batch)
+  times = {name: [] for name in rows}
+  for _ in range(args.repeats):
+    for name, run in rows.items():
+      start = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - start)
+  first = np.median(next(iter(times.values())))
+  print(f"{args.variant} {config.image_size}px, batch {args.batch}, float32, "
+        f"{jax.device_count()} x {jax.devices()[0].device_kind}, {os.cpu_count()} cpus, "
+        f"median of {args.repeats}")
+  for name, t in times.items():
+    print(f"  {name:44s} {np.median(t) * 1e3:9.1f} ms/step   x{np.median(t) / first:5.2f}")
+
+
+if __name__ == "__main__":
+  main()
