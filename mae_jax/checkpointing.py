@@ -100,13 +100,13 @@ def load_params(path: str) -> tuple[Params, ModelConfig]:
     return restored["state"]["params"], config
 
 
-def read_saved_model_config(workdir: str) -> ModelConfig | None:
-  """The model config of the newest checkpoint in a workdir, or None if there is none."""
+def read_saved_run(workdir: str) -> dict[str, Any] | None:
+  """The JSON saved with the newest checkpoint of a workdir, or None if there is none."""
   root = os.path.join(workdir, CHECKPOINTS)
   if not os.path.isdir(root) or not any(n.isdigit() for n in os.listdir(root)):
     return None
   with open(os.path.join(latest_step_dir(workdir), "config", "metadata")) as f:
-    return config_from_dict(json.load(f)["model"])
+    return json.load(f)
 
 
 class TrainCheckpointer:

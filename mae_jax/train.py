@@ -67,6 +67,32 @@ def plan_run(config: ml_collections.ConfigDict, num_examples: int) -> Plan:
   return Plan(steps_per_epoch, total, warmup, stop, peak)
 
 
+def run_signature(config: ml_collections.ConfigDict, plan: Plan) -> dict[str, Any]:
+  """What a resumed run must share with the run that wrote the checkpoint: the data order,
+  the masks and the optimisation (the model config is compared separately)."""
+  return {"batch_size": config.batch_size, "seed": config.seed,
+          "dataset": config.input.dataset, "split": config.input.split,
+          "total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps,
+          "peak_lr": plan.peak_lr, "weight_decay": config.weight_decay,
+          "b1": config.b1, "b2": config.b2}
+
+
+def check_resumable(workdir: str, saved: dict[str, Any], model: ModelConfig,
+                    run: dict[str, Any]) -> None:
+  """Refuses to resume a checkpoint of another model or another run, naming the fields."""
+  saved_model = checkpointing.config_from_dict(saved["model"])
+  if saved_model != model:
+    diff = {k: (v, getattr(model, k)) for k, v in saved_model.to_dict().items()
+            if getattr(model, k) != v}
+    raise ValueError(f"{workdir} holds a checkpoint of another model; (saved, config): "
+                     f"{diff}. Use a new workdir or the saved model config")
+  diff = {k: (v, run[k]) for k, v in saved["run"].items() if run.get(k) != v}
+  if diff:
+    raise ValueError(f"{workdir} holds a checkpoint of a run with other settings; "
+                     f"(saved, config): {diff}. Resuming would not continue that run: use a "
+                     f"new workdir or the saved settings")
+
+
 def every(step: int, interval: int) -> bool:
   return interval > 0 and step % interval == 0
 
@@ -121,12 +147,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   # --- Checks: nothing compiled or written before these pass. ---
   model = model_config_from(config)
   check_batch(config.batch_size, jax.device_count(), config.grad_accum_steps)
-  saved = checkpointing.read_saved_model_config(workdir)
-  if saved is not None and saved != model:
-    raise ValueError(f"{workdir} holds a checkpoint of another model:\n saved:  {saved}\n "
-                     f"config: {model}\nuse a new workdir or the saved model config")
+  if "://" in workdir or os.path.isfile(workdir):
+    raise ValueError(f"workdir {workdir!r} must be a directory path on a filesystem every host "
+                     "sees (for a bucket, mount it, e.g. with gcsfuse)")
   source = pipeline.make_source(config.input, config.input.split)
   plan = plan_run(config, len(source))
+  run = run_signature(config, plan)
+  saved = checkpointing.read_saved_run(workdir)
+  if saved is not None:
+    check_resumable(workdir, saved, model, run)
   schedule = optim.lr_schedule(plan.peak_lr, plan.warmup_steps, plan.total_steps)
   tx = optim.make_optimizer(schedule, weight_decay=config.weight_decay, b1=config.b1,
                             b2=config.b2)
@@ -156,7 +185,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     state = create_state(model, tx, jax.random.key(config.seed), mesh)
   train_step = make_train_step(model, tx, schedule, mesh, abstract,
                                grad_accum_steps=config.grad_accum_steps, seed=config.seed)
-  saved_config = {"model": model.to_dict(), "config": json.loads(config.to_json_best_effort())}
+  saved_config = {"model": model.to_dict(), "run": run,
+                  "config": json.loads(config.to_json_best_effort())}
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   preemption = Preemption(ckpt.manager)
   batch_sharding = sharding.batch_sharding(mesh)

@@ -210,12 +210,24 @@ def test_bad_batch_is_an_error_before_any_write(tmp_path, demo_dir):
   assert not os.path.exists(workdir)
 
 
-def test_other_model_in_workdir_is_refused(tmp_path, demo_dir):
+def test_resuming_another_model_or_run_is_refused(tmp_path, demo_dir):
   workdir = str(tmp_path / "run")
   train_and_evaluate(config_with(demo_dir, stop_at_step=2), workdir)
-  with pytest.raises(ValueError, match="checkpoint of another model"):
+  files = sorted(os.listdir(workdir))
+  with pytest.raises(ValueError, match=r"another model.*'width': \(64, 128\)"):
     train_and_evaluate(config_with(demo_dir, **{"model.width": 128}), workdir)
+  with pytest.raises(ValueError, match=r"other settings.*'batch_size': \(16, 32\)"):
+    train_and_evaluate(config_with(demo_dir, batch_size=32), workdir)
+  with pytest.raises(ValueError, match=r"other settings.*'total_steps': \(200, 300\)"):
+    train_and_evaluate(config_with(demo_dir, total_steps=300), workdir)
+  assert sorted(os.listdir(workdir)) == files
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+
+
+def test_bucket_workdir_is_a_clear_error(tmp_path, demo_dir):
+  with pytest.raises(ValueError, match="mount it"):
+    train_and_evaluate(config_with(demo_dir), "gs://bucket/run")
+  assert not os.path.exists("gs:")
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, demo_dir):
