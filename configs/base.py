@@ -29,10 +29,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  # The model: every ModelConfig field, so each is overridable (--config.model.mask_ratio=0.5).
+  # The model: every ModelConfig field of the variant, so each is overridable
+  # (--config.model.mask_ratio=0.5); pick the variant with the argument (:variant=L/16).
   model = model_config(args.variant, mask_ratio=0.75, norm_pix_loss=True, decoder_width=512,
                        decoder_depth=8, decoder_num_heads=16, dtype="bfloat16")
-  config.model = ml_collections.ConfigDict({"variant": args.variant, **model.to_dict()})
+  config.model = ml_collections.ConfigDict(model.to_dict())
 
   config.input = ml_collections.ConfigDict()
   config.input.dataset = "imagenet2012"  # any tfds name, or 'folder' / 'demo'

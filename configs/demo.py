@@ -10,7 +10,7 @@ from configs import base
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = base.parse_arg(arg, steps=600)
   config = base.get_config().unlock()
-  config.model.update(variant="Ti/16", image_size=64, patch_size=8, width=128, depth=4,
+  config.model.update(image_size=64, patch_size=8, width=128, depth=4,
                       num_heads=4, decoder_width=64, decoder_depth=2, decoder_num_heads=4,
                       dtype="float32")
   config.input.dataset = "demo"

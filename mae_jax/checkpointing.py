@@ -18,17 +18,10 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from mae_jax.config import FIELDS, ModelConfig
+from mae_jax.config import ModelConfig, config_from_dict
 from mae_jax.mae import Params, init_params
 
 CHECKPOINTS = "checkpoints"
-
-
-def config_from_dict(d: dict[str, Any]) -> ModelConfig:
-  unknown = sorted(set(d) - set(FIELDS))
-  if unknown:
-    raise ValueError(f"checkpoint model config has unknown field(s) {unknown}")
-  return ModelConfig(**d)
 
 
 def abstract_params(config: ModelConfig, encoder_only: bool = False) -> Params:
@@ -101,12 +94,13 @@ def load_params(path: str) -> tuple[Params, ModelConfig]:
 
 
 def read_saved_run(workdir: str) -> dict[str, Any] | None:
-  """The JSON saved with the newest checkpoint of a workdir, or None if there is none."""
+  """The JSON saved with the newest checkpoint of a workdir plus its `step`, or None."""
   root = os.path.join(workdir, CHECKPOINTS)
   if not os.path.isdir(root) or not any(n.isdigit() for n in os.listdir(root)):
     return None
-  with open(os.path.join(latest_step_dir(workdir), "config", "metadata")) as f:
-    return json.load(f)
+  step_dir = latest_step_dir(workdir)
+  with open(os.path.join(step_dir, "config", "metadata")) as f:
+    return {**json.load(f), "step": int(os.path.basename(step_dir))}
 
 
 class TrainCheckpointer:

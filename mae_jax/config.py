@@ -117,3 +117,11 @@ def model_config(variant: str = "B/16", **overrides: Any) -> ModelConfig:
   if unknown:
     raise ValueError(f"unknown model config field(s) {unknown}; fields: {', '.join(FIELDS)}")
   return ModelConfig(**{**VARIANTS[variant], **overrides})
+
+
+def config_from_dict(fields: dict[str, Any]) -> ModelConfig:
+  """A ModelConfig from all of its fields (a run config, a checkpoint's JSON), checked."""
+  unknown = sorted(set(fields) - set(FIELDS))
+  if unknown:
+    raise ValueError(f"unknown model config field(s) {unknown}; fields: {', '.join(FIELDS)}")
+  return ModelConfig(**fields)

@@ -11,18 +11,24 @@ from tensorboardX import SummaryWriter
 
 from mae_jax.config import ModelConfig
 
-# Dense bf16 peak FLOP/s per device, for the MFU estimate (vendor figures).
+# Dense bfloat16 peak FLOP/s of one device, by jax's device_kind (vendor figures). Exact
+# names first: TPU v5p reports "TPU v5", v5e "TPU v5 lite"; PCIe / NVL GPUs run lower clocks.
 PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-    "NVIDIA A100": 312e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+    "TPU v4": 275e12, "TPU v4 lite": 138e12, "TPU v5": 459e12, "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
 }
+GPU_PEAK_FLOPS = (  # (device_kind prefix, FLOP/s), most specific first
+    ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H100", 989e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA A100", 312e12),
+)
 
 
 def peak_flops(device_kind: str) -> float | None:
   """Peak FLOP/s of one device of this kind, or None when unknown (e.g. CPU)."""
-  for name, flops in PEAK_FLOPS.items():
-    if device_kind.startswith(name):
+  if device_kind in PEAK_FLOPS:
+    return PEAK_FLOPS[device_kind]
+  for prefix, flops in GPU_PEAK_FLOPS:
+    if device_kind.startswith(prefix):
       return flops
   return None
 

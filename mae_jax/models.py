@@ -1,5 +1,9 @@
 """Flax linen modules of MAE: a ViT encoder on visible patches and a lightweight decoder.
 
+With dtype bfloat16, matmuls and LayerNorm outputs are bfloat16 while the residual stream
+stays float32, as under the reference's mixed precision (autocast), where the float32
+position-embedding add keeps the residual in float32.
+
 Parameter names follow the reference (facebookresearch/mae) so checkpoints map one to one:
 encoder {patch_embed, cls_token, blocks_i, norm}, decoder {decoder_embed, mask_token,
 decoder_blocks_i, decoder_norm, decoder_pred}. Position embeddings are fixed sin-cos
@@ -24,9 +28,11 @@ def gelu(x: jax.Array) -> jax.Array:
 
   Same function as the reference's nn.GELU() (not the tanh approximation), but cheaper on
   XLA than jax.nn.gelu(approximate=False), whose erfc form costs an exp and two rational
-  approximations per element (benchmarks/gelu.py).
+  approximations per element (benchmarks/gelu.py). Computed in float32 (as PyTorch does for
+  bfloat16 inputs): in bfloat16, 1 + erf(.) would round away the negative tail.
   """
-  return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+  x32 = x.astype(jnp.float32)
+  return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * np.float32(np.sqrt(0.5))))).astype(x.dtype)
 
 
 class Attention(nn.Module):
@@ -86,14 +92,14 @@ class Encoder(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     pos = jnp.asarray(sincos_2d(cfg.width, cfg.grid_size))  # [N, D]
     x = nn.Dense(cfg.width, kernel_init=xavier, dtype=dtype, name="patch_embed")(patches)
-    x = x + pos[positions].astype(dtype)  # [B, L, D]
+    x = x.astype(jnp.float32) + pos[positions]  # [B, L, D] float32 residual stream
     if cfg.encoder_mask_tokens:
       if mask is None:
         raise ValueError("encoder_mask_tokens needs the mask")
       token = self.param("mask_token", token_init, (1, 1, cfg.width))
-      x = jnp.where(mask[..., None] > 0, (token + pos[positions]).astype(dtype), x)
+      x = jnp.where(mask[..., None] > 0, token + pos[positions], x)
     cls = self.param("cls_token", token_init, (1, 1, cfg.width))  # its position embedding is 0
-    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, cfg.width)).astype(dtype), x],
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, cfg.width)), x],
                         axis=1)  # [B, 1 + L, D]
     for i in range(cfg.depth):
       x = Block(cfg.num_heads, cfg.mlp_dim, cfg.layer_norm_eps, dtype, name=f"blocks_{i}")(x)
@@ -114,16 +120,17 @@ class Decoder(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     dw = cfg.decoder_width
     x = nn.Dense(dw, kernel_init=xavier, dtype=dtype, name="decoder_embed")(latent)
+    x = x.astype(jnp.float32)  # float32 residual stream
     if ids_restore is not None:
       token = self.param("mask_token", token_init, (1, 1, dw))
       b, n = ids_restore.shape
       visible = x[:, 1:]  # [B, L, Dd] in shuffled order
-      tokens = jnp.broadcast_to(token.astype(dtype), (b, n - visible.shape[1], dw))
+      tokens = jnp.broadcast_to(token, (b, n - visible.shape[1], dw))
       shuffled = jnp.concatenate([visible, tokens], axis=1)  # [B, N, Dd]
       unshuffled = jnp.take_along_axis(shuffled, ids_restore[..., None], axis=1)
       x = jnp.concatenate([x[:, :1], unshuffled], axis=1)  # [B, 1 + N, Dd]
     pos = sincos_2d(dw, cfg.grid_size, cls_token=True)  # [1 + N, Dd]
-    x = x + jnp.asarray(pos, dtype)
+    x = x + jnp.asarray(pos)
     for i in range(cfg.decoder_depth):
       x = Block(cfg.decoder_num_heads, cfg.decoder_mlp_dim, cfg.layer_norm_eps, dtype,
                 name=f"decoder_blocks_{i}")(x)

@@ -4,7 +4,6 @@ A patch vector is ordered (row, column, channel), the order of the reference's
 `nchpwq->nhwpqc`, so pixel targets and patch-embedding weights line up with its checkpoints.
 """
 import jax
-import jax.numpy as jnp
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:

@@ -12,6 +12,7 @@ or written.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -26,9 +27,9 @@ import ml_collections
 import numpy as np
 
 from mae_jax import checkpointing, metrics as metrics_lib, optim, sharding, visualize
-from mae_jax.config import ModelConfig, model_config
+from mae_jax.config import ModelConfig, config_from_dict
 from mae_jax.data import pipeline
-from mae_jax.mae import forward
+from mae_jax.mae import MAEOutput, forward
 from mae_jax.train_step import (State, abstract_state, check_batch, create_state,
                                 make_train_step, state_sharding)
 
@@ -36,9 +37,8 @@ log = logging.getLogger(__name__)
 
 
 def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
-  """`config.model` (variant + field overrides) -> the frozen ModelConfig."""
-  fields = dict(config.model)
-  return model_config(fields.pop("variant", "B/16"), **fields)
+  """`config.model` (every ModelConfig field) -> the frozen ModelConfig, checked."""
+  return config_from_dict(config.model.to_dict())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,30 +67,49 @@ def plan_run(config: ml_collections.ConfigDict, num_examples: int) -> Plan:
   return Plan(steps_per_epoch, total, warmup, stop, peak)
 
 
+# Input settings a resumed run may change: where the data lives and how it is read.
+FREE_INPUT_FIELDS = ("data_dir", "eval_split", "worker_count", "worker_buffer_size")
+
+
 def run_signature(config: ml_collections.ConfigDict, plan: Plan) -> dict[str, Any]:
-  """What a resumed run must share with the run that wrote the checkpoint: the data order,
-  the masks and the optimisation (the model config is compared separately)."""
-  return {"batch_size": config.batch_size, "seed": config.seed,
-          "dataset": config.input.dataset, "split": config.input.split,
-          "total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps,
-          "peak_lr": plan.peak_lr, "weight_decay": config.weight_decay,
-          "b1": config.b1, "b2": config.b2}
+  """What a resumed run must share with the run that wrote the checkpoint: the data order
+  and augmentation, the hosts, the masks and the optimisation (the model is compared
+  separately). JSON-normalised, as it is stored with each checkpoint."""
+  inputs = {k: v for k, v in config.input.to_dict().items() if k not in FREE_INPUT_FIELDS}
+  return json.loads(json.dumps({
+      "batch_size": config.batch_size, "seed": config.seed, "input": inputs,
+      "process_count": jax.process_count(), "total_steps": plan.total_steps,
+      "warmup_steps": plan.warmup_steps, "peak_lr": plan.peak_lr,
+      "weight_decay": config.weight_decay, "b1": config.b1, "b2": config.b2}))
 
 
 def check_resumable(workdir: str, saved: dict[str, Any], model: ModelConfig,
-                    run: dict[str, Any]) -> None:
-  """Refuses to resume a checkpoint of another model or another run, naming the fields."""
-  saved_model = checkpointing.config_from_dict(saved["model"])
-  if saved_model != model:
-    diff = {k: (v, getattr(model, k)) for k, v in saved_model.to_dict().items()
-            if getattr(model, k) != v}
+                    run: dict[str, Any], plan: Plan) -> None:
+  """Refuses to resume a checkpoint of another model or another run, naming the fields.
+
+  The activation dtype may change (the parameters are float32 either way).
+  """
+  saved_model = config_from_dict(saved["model"])
+  diff = {k: (v, getattr(model, k)) for k, v in saved_model.to_dict().items()
+          if getattr(model, k) != v and k != "dtype"}
+  if diff:
     raise ValueError(f"{workdir} holds a checkpoint of another model; (saved, config): "
                      f"{diff}. Use a new workdir or the saved model config")
-  diff = {k: (v, run[k]) for k, v in saved["run"].items() if run.get(k) != v}
+  diff = {k: (v, run.get(k)) for k, v in saved["run"].items() if run.get(k) != v}
   if diff:
     raise ValueError(f"{workdir} holds a checkpoint of a run with other settings; "
                      f"(saved, config): {diff}. Resuming would not continue that run: use a "
                      f"new workdir or the saved settings")
+  if saved["step"] > plan.stop_step:
+    raise ValueError(f"{workdir} is at step {saved['step']}, past the requested stop at step "
+                     f"{plan.stop_step}")
+
+
+def optimizer(config: ml_collections.ConfigDict, plan: Plan):
+  """(lr schedule, AdamW) of the recipe for this run."""
+  schedule = optim.lr_schedule(plan.peak_lr, plan.warmup_steps, plan.total_steps)
+  return schedule, optim.make_optimizer(schedule, weight_decay=config.weight_decay,
+                                        b1=config.b1, b2=config.b2)
 
 
 def every(step: int, interval: int) -> bool:
@@ -155,12 +174,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   run = run_signature(config, plan)
   saved = checkpointing.read_saved_run(workdir)
   if saved is not None:
-    check_resumable(workdir, saved, model, run)
-  schedule = optim.lr_schedule(plan.peak_lr, plan.warmup_steps, plan.total_steps)
-  tx = optim.make_optimizer(schedule, weight_decay=config.weight_decay, b1=config.b1,
-                            b2=config.b2)
+    check_resumable(workdir, saved, model, run, plan)
+  schedule, tx = optimizer(config, plan)
   loader = pipeline.make_train_loader(config.input, image_size=model.image_size,
-                                      global_batch_size=config.batch_size, seed=config.seed)
+                                      global_batch_size=config.batch_size, seed=config.seed,
+                                      source=source)
   recon_images = (pipeline.make_eval_batch(config.input, image_size=model.image_size,
                                            num_images=config.num_recon_images)
                   if config.recon_every_steps > 0 else None)
@@ -188,6 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   saved_config = {"model": model.to_dict(), "run": run,
                   "config": json.loads(config.to_json_best_effort())}
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  reconstruct = make_reconstruct(model, mesh)
   preemption = Preemption(ckpt.manager)
   batch_sharding = sharding.batch_sharding(mesh)
   flops = metrics_lib.train_flops_per_image(model) * config.batch_size
@@ -195,7 +214,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   try:
     step = first_step = int(state["step"])
     log.info("training %s from step %d to %d (%d steps/epoch, peak lr %.3g)",
-                 model, step, plan.stop_step, plan.steps_per_epoch, plan.peak_lr)
+             model, step, plan.stop_step, plan.steps_per_epoch, plan.peak_lr)
+    if step == plan.stop_step:
+      log.warning("%s is already at step %d: nothing to train", workdir, step)
     skipped, previous, timer_step, timer = 0, None, step, time.perf_counter()
     while step < plan.stop_step:
       batch = next(data_iter)
@@ -221,8 +242,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
         writer.scalars(step, values)
       if recon_images is not None and (every(step, config.recon_every_steps)
                                        or step == plan.stop_step):
-        write_reconstructions(workdir, step, state["params"], recon_images, model, config,
-                              mesh, writer)
+        write_reconstructions(workdir, step, reconstruct(state["params"], recon_images),
+                              recon_images, model, config, writer)
       preempted = preemption.reached(step)
       if (preempted or every(step, config.checkpoint_every_steps)
           or step == plan.stop_step):
@@ -238,14 +259,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   return state
 
 
-def write_reconstructions(workdir: str, step: int, params, images: np.ndarray,
-                          model: ModelConfig, config: ml_collections.ConfigDict, mesh,
+def make_reconstruct(model: ModelConfig, mesh):
+  """Jitted `(params, images) -> MAEOutput` with the same masks every time, replicated
+  over the mesh, so every process takes part and process 0 can read the result."""
+  replicated = sharding.replicated(mesh)
+
+  @functools.partial(jax.jit, out_shardings=replicated)
+  def run(params, images):
+    noise = jax.random.uniform(jax.random.key(0), (images.shape[0], model.num_patches))
+    return forward(params, images, None, model, noise)
+  return lambda params, images: run(params, jax.device_put(images, replicated))
+
+
+def write_reconstructions(workdir: str, step: int, out: MAEOutput, images: np.ndarray,
+                          model: ModelConfig, config: ml_collections.ConfigDict,
                           writer: metrics_lib.MetricWriter) -> None:
-  """Runs the model on the fixed images with fixed masks; process 0 writes the PNG."""
-  noise = jax.random.uniform(jax.random.key(0), (images.shape[0], model.num_patches))
-  out = jax.jit(lambda p, x, n: forward(p, x, None, model, n),
-                out_shardings=sharding.replicated(mesh))(
-                    params, jax.device_put(images, sharding.replicated(mesh)), noise)
+  """Process 0 writes the reconstruction grid of `out` as a PNG and to TensorBoard."""
   if jax.process_index() != 0:
     return
   panels = visualize.reconstruction_panels(images, jax.device_get(out), model,

@@ -89,10 +89,11 @@ def make_train_step(model: ModelConfig, tx: optax.GradientTransformation,
       (loss, grads), _ = jax.lax.scan(accumulate, zeros, (micro(images), micro(noise)))
       loss, grads = jax.tree.map(lambda x: x / k, (loss, grads))
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                 "opt_state": opt_state}
+    new_params = optax.apply_updates(params, updates)
+    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+    # param_norm is of the updated params: a finite value means the state is safe to save.
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "lr": schedule(state["step"])}
+               "param_norm": optax.tree.norm(new_params), "lr": schedule(state["step"])}
     return new_state, metrics
 
   return jax.jit(step, in_shardings=(state_shardings, batch),

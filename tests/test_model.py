@@ -1,5 +1,5 @@
 """Patchify, masking, position embeddings, loss, configs and the forward pass."""
-import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +9,7 @@ import pytest
 from mae_jax import init_params, mae_apply, model_config, patchify, random_masking, unpatchify
 from mae_jax.losses import masked_mse, normalize_patches
 from mae_jax.mae import encode
+from mae_jax.models import Encoder, gelu
 from mae_jax.posemb import sincos_2d
 
 TINY = dict(image_size=32, patch_size=8, width=64, depth=2, num_heads=4, decoder_width=32,
@@ -160,6 +161,28 @@ def test_bfloat16_compute_keeps_float32_params():
   out32 = mae_apply(params, images, config=tiny(), noise=noise)
   assert out16.pred.dtype == jnp.bfloat16 and out16.loss.dtype == jnp.float32
   np.testing.assert_allclose(out16.loss, out32.loss, rtol=5e-2)
+
+
+def test_gelu_is_exact_in_both_dtypes():
+  x = np.linspace(-6, 6, 241).astype(np.float32)
+  exact = x * 0.5 * np.array([math.erfc(-v / math.sqrt(2)) for v in x.astype(np.float64)])
+  # The erf form (PyTorch's formula) loses ~1 ulp of 1 in the far negative tail: |err| < 5e-7.
+  np.testing.assert_allclose(gelu(jnp.asarray(x)), exact, rtol=1e-5, atol=5e-7)
+  # bfloat16 inputs: the result is the exact GELU rounded once, also in the far negative tail.
+  xb = jnp.asarray(x, jnp.bfloat16)
+  exact_b = np.asarray(gelu(xb.astype(jnp.float32)))
+  np.testing.assert_allclose(np.asarray(gelu(xb), np.float32), exact_b, rtol=1e-2, atol=1e-30)
+
+
+def test_bfloat16_keeps_a_float32_residual_stream():
+  cfg = tiny(dtype="bfloat16")
+  params = init_params(cfg, jax.random.key(0))
+  patches = jnp.zeros((1, 4, cfg.patch_dim))
+  _, inter = Encoder(cfg).apply({"params": params["encoder"]}, patches, jnp.arange(4)[None],
+                                capture_intermediates=True)
+  blocks = inter["intermediates"]
+  assert blocks["blocks_0"]["__call__"][0].dtype == jnp.float32  # residual
+  assert blocks["blocks_0"]["mlp"]["fc1"]["__call__"][0].dtype == jnp.bfloat16  # matmul
 
 
 def test_init_follows_reference():

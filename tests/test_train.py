@@ -16,10 +16,11 @@ import optax
 import pytest
 
 from configs import base, demo
-from mae_jax import optim, sharding
+from mae_jax import mae_apply, optim, sharding
 from mae_jax.checkpointing import load_params
 from mae_jax.data import demo as demo_data
-from mae_jax.train import model_config_from, train_and_evaluate
+from mae_jax.data import pipeline
+from mae_jax.train import model_config_from, optimizer, plan_run, train_and_evaluate
 from mae_jax.train_step import abstract_state, create_state, make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +71,8 @@ def test_demo_end_to_end(tmp_path, demo_dir):
   assert [r["step"] for r in rows] == [2, 4]
   for r in rows:
     assert np.isfinite(r["loss"]) and r["loss"] > 0 and r["images_per_s"] > 0
-  assert rows[1]["lr"] > 0 and "eta_s" in rows[1] and "grad_norm" in rows[1]
+  assert rows[1]["lr"] > 0 and rows[1]["param_norm"] > 0
+  assert {"eta_s", "grad_norm", "step_time_s", "epoch", "data_skipped"} <= set(rows[1])
   events = os.listdir(os.path.join(workdir, "tensorboard"))
   assert any(name.startswith("events.out.tfevents") for name in events)
   assert os.listdir(os.path.join(workdir, "reconstructions")) == ["step_00000004.png"]
@@ -230,15 +232,25 @@ def test_bucket_workdir_is_a_clear_error(tmp_path, demo_dir):
   assert not os.path.exists("gs:")
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, demo_dir):
+def test_non_finite_state_stops_and_keeps_last_good_checkpoint(tmp_path, demo_dir):
   workdir = str(tmp_path / "run")
-  # A huge lr turns the params to garbage after one step: the loss overflows next step.
-  config = config_with(demo_dir, lr=1e30, warmup_steps=0, checkpoint_every_steps=1,
+  # Warmup starts at lr 0, so step 1 keeps the (good) initial params; at step 2 a huge lr
+  # overflows the params. Nothing non-finite may be saved.
+  config = config_with(demo_dir, lr=1e30, warmup_steps=2, checkpoint_every_steps=1,
                        recon_every_steps=0)
   with pytest.raises(FloatingPointError, match=r"non-finite .* last good checkpoint \(step 1\)"):
     train_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"]
-  load_params(workdir)  # the surviving checkpoint is whole
+  params, model = load_params(workdir)  # the surviving checkpoint is whole and healthy
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  assert np.isfinite(float(mae_apply(params, images, jax.random.key(1), config=model).loss))
+
+
+def test_stop_before_the_saved_step_is_refused(tmp_path, demo_dir):
+  workdir = str(tmp_path / "run")
+  train_and_evaluate(config_with(demo_dir, stop_at_step=4, recon_every_steps=0), workdir)
+  with pytest.raises(ValueError, match="at step 4, past the requested stop at step 2"):
+    train_and_evaluate(config_with(demo_dir, stop_at_step=2, recon_every_steps=0), workdir)
 
 
 def free_port():
@@ -247,13 +259,31 @@ def free_port():
     return s.getsockname()[1]
 
 
+def two_host_reference(config, steps):
+  """The same run in this one process: the global batch is host 0's batch then host 1's."""
+  model = model_config_from(config)
+  source = pipeline.make_source(config.input, config.input.split)
+  schedule, tx = optimizer(config, plan_run(config, len(source)))
+  mesh = sharding.make_mesh(config.fsdp)
+  state = create_state(model, tx, jax.random.key(config.seed), mesh)
+  step = make_train_step(model, tx, schedule, mesh, abstract_state(model, tx), seed=config.seed)
+  hosts = [iter(pipeline.make_train_loader(config.input, image_size=model.image_size,
+                                           global_batch_size=config.batch_size,
+                                           seed=config.seed, process_index=i, process_count=2))
+           for i in range(2)]
+  for _ in range(steps):
+    images = np.concatenate([next(host)["image"] for host in hosts])
+    state, _ = step(state, jax.device_put(images, sharding.batch_sharding(mesh)))
+  return jax.device_get(state["params"])
+
+
 def test_two_processes_on_localhost_agree(tmp_path, demo_dir):
   workdir = str(tmp_path / "run")
   port = free_port()
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu"}
   procs = [subprocess.Popen(
-      main_command(workdir, demo_dir, stop_at_step=4, recon_every_steps=0) +
+      main_command(workdir, demo_dir, stop_at_step=4) +
       [f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
        "--cpu_collectives=gloo"],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -264,7 +294,12 @@ def test_two_processes_on_localhost_agree(tmp_path, demo_dir):
   assert "process 0/2, 4 local / 8 global devices" in outputs[0]
   assert "process 1/2, 4 local / 8 global devices" in outputs[1]
   progress = [re.findall(r"step \d+/\d+ loss \S+ lr \S+ gnorm \S+", out) for out in outputs]
-  assert len(progress[0]) == 2 and progress[0] == progress[1]  # same loss, lr, grad norm
+  assert len(progress[0]) == 2 and progress[0] == progress[1]
+  assert os.listdir(os.path.join(workdir, "reconstructions")) == ["step_00000004.png"]
   params, _ = load_params(workdir)
   assert latest_step(workdir) == 4
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+  # Each host fed its own shard and the collectives summed them right: the checkpoint equals
+  # one process training on the two hosts' batches side by side.
+  want = two_host_reference(config_with(demo_dir), 4)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -74,12 +74,14 @@ def make_train_loader(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    source: grain.sources.RandomAccessDataSource | None = None,
 ) -> grain.DataLoader:
   """Infinite, shuffled, augmented batches of this host's shard.
 
   Batches are `{'image': float32 [B, image_size, image_size, 3],
   'skipped': int32 [B]}` with B = global_batch_size // process_count;
   `skipped.sum()` counts undecodable records dropped (see `transforms`).
+  `source`: the source of `input_config.split` when the caller opened it already.
   """
   if process_index is None:
     process_index = jax.process_index()
@@ -90,7 +92,8 @@ def make_train_loader(
         f"global_batch_size={global_batch_size} is not divisible by the "
         f"process count {process_count}; every host must load the same "
         "number of examples.")
-  source = make_source(input_config, _field(input_config, "split"))
+  if source is None:  # the caller may pass the one it opened already (listing is slow)
+    source = make_source(input_config, _field(input_config, "split"))
   shard_options = grain.sharding.ShardOptions(
       shard_index=process_index, shard_count=process_count,
       drop_remainder=True)
