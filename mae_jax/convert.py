@@ -10,7 +10,8 @@ Three sources, all ending as (params, ModelConfig):
 Hugging Face names are first mapped to the reference's names, so one converter builds the params.
 
 Pickled files (`.pth`, `.bin`) are read by a restricted unpickler that only rebuilds tensors (as
-numpy arrays), dicts and argparse namespaces: no code from the file runs, and torch is not needed.
+read-only numpy arrays), dicts and argparse namespaces: no code from the file runs, no object
+outside the load changes, memory stays bounded by the file's size, and torch is not needed.
 
 Command line: `python -m mae_jax.convert SRC DST [--variant B/16] [--num_heads N ...]` writes SRC
 as an Orbax params checkpoint DST.
@@ -25,6 +26,7 @@ import math
 import os
 import pickle
 import re
+import struct
 import sys
 import zipfile
 from typing import IO, Any, NamedTuple, Sequence
@@ -64,7 +66,11 @@ class _StorageType(NamedTuple):
 
 def _rebuild_tensor(storage: np.ndarray, offset: int, size: Sequence[int],
                     stride: Sequence[int], *unused: Any) -> np.ndarray:
-  """torch._utils._rebuild_tensor_v2 as numpy: a bounds-checked strided copy of a storage."""
+  """torch._utils._rebuild_tensor_v2 as numpy: a read-only, bounds-checked view of a storage.
+
+  Each element must have its own place in the storage (no stride 0 on a dimension of size > 1,
+  no overlap), so a tensor never holds more elements than its storage, nor more memory.
+  """
   size, stride = tuple(size), tuple(stride)
   ints = (offset, *size, *stride)
   if (not isinstance(storage, np.ndarray) or len(size) != len(stride)
@@ -73,42 +79,58 @@ def _rebuild_tensor(storage: np.ndarray, offset: int, size: Sequence[int],
                                  f"stride {stride})")
   if 0 in size:
     return np.zeros(size, storage.dtype)
-  last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-  if last >= storage.size:
+  reach = 0  # the largest offset the dimensions of smaller strides reach
+  for s, n in sorted((s, n) for n, s in zip(size, stride) if n > 1):
+    if s <= reach:
+      raise pickle.UnpicklingError(
+          f"tensor of size {size} with stride {stride} has elements sharing storage; expanded "
+          f"or overlapping tensors are not supported")
+    reach += (n - 1) * s
+  if offset + reach >= storage.size:
     raise pickle.UnpicklingError(f"tensor of size {size} reads past its storage")
-  view = np.lib.stride_tricks.as_strided(storage[offset:], size,
+  return np.lib.stride_tricks.as_strided(storage[offset:], size,
                                          [s * storage.itemsize for s in stride], writeable=False)
-  return np.array(view)
 
 
-def _rebuild_parameter(data: np.ndarray, *unused: Any) -> np.ndarray:
-  return data
+def _stored_entry(archive: zipfile.ZipFile, name: str) -> zipfile.ZipInfo:
+  """The entry `name`, which must be uncompressed, as torch.save writes every entry."""
+  info = archive.getinfo(name)
+  if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+    raise pickle.UnpicklingError(f"{name} is compressed; torch.save stores entries uncompressed, "
+                                 f"and mae_jax reads no others")
+  return info
 
 
-_SAFE_GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("argparse", "Namespace"): argparse.Namespace,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-}
+class _RestrictedUnpickler(pickle._Unpickler):
+  """Unpickles torch's data.pkl allowing only a few globals; storages come from the zip.
 
-
-class _RestrictedUnpickler(pickle.Unpickler):
-  """Unpickles torch's data.pkl allowing only the globals above; storages come from the zip."""
+  The pure-Python unpickler, so that opcodes can be replaced. Each load gets its own globals (a
+  namespace class and closures), and BUILD only sets attributes of the namespaces and
+  OrderedDicts the load creates, so nothing in the file can change an object outside it.
+  """
 
   def __init__(self, file: IO[bytes], archive: zipfile.ZipFile, prefix: str):
     super().__init__(file)
     self._archive, self._prefix = archive, prefix
-    self._big_endian = (archive.read(prefix + "byteorder").strip() == b"big"
-                        if prefix + "byteorder" in archive.namelist() else False)
+    self._namespace = type("Namespace", (argparse.Namespace,), {})
+    self._globals = {
+        "collections.OrderedDict": lambda *args: collections.OrderedDict(*args),
+        "argparse.Namespace": self._namespace,
+        "torch._utils._rebuild_tensor_v2": lambda *args: _rebuild_tensor(*args),
+        "torch._utils._rebuild_parameter": lambda data, *unused: data,
+        "torch._utils._rebuild_parameter_with_state": lambda data, *unused: data,
+    }
+    self._big_endian = False
+    if prefix + "byteorder" in archive.namelist():
+      info = _stored_entry(archive, prefix + "byteorder")
+      self._big_endian = archive.read(info).strip() == b"big"
     self._storages: dict[str, np.ndarray] = {}
 
   def find_class(self, module: str, name: str) -> Any:
     if module == "torch" and name in _STORAGE_DTYPES:
       return _StorageType(np.dtype(_STORAGE_DTYPES[name]))
-    if (module, name) in _SAFE_GLOBALS:
-      return _SAFE_GLOBALS[module, name]
+    if f"{module}.{name}" in self._globals:
+      return self._globals[f"{module}.{name}"]
     raise pickle.UnpicklingError(
         f"refusing to load the global '{module}.{name}'. Only tensors, dicts and "
         f"argparse.Namespace are read from pickled checkpoints; this file may run code when "
@@ -116,26 +138,60 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
   def persistent_load(self, pid: Any) -> np.ndarray:
     if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
-            and isinstance(pid[1], _StorageType)):
+            and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)
+            and isinstance(pid[4], int) and pid[4] >= 0):
       raise pickle.UnpicklingError(f"unsupported persistent id {pid!r:.80}")
-    dtype, key, numel = pid[1].dtype, str(pid[2]), pid[4]
+    dtype, key, numel = pid[1].dtype, pid[2], pid[4]
     if key not in self._storages:
       try:
-        data = self._archive.read(f"{self._prefix}data/{key}")
+        info = _stored_entry(self._archive, f"{self._prefix}data/{key}")
       except KeyError:
         raise pickle.UnpicklingError(f"storage {key} is missing") from None
-      storage = np.frombuffer(data, dtype, count=len(data) // dtype.itemsize)
-      if storage.size < numel:
-        raise pickle.UnpicklingError(f"storage {key} is truncated")
+      if info.file_size != numel * dtype.itemsize:
+        raise pickle.UnpicklingError(f"storage {key} has {info.file_size} bytes, not the "
+                                     f"{numel * dtype.itemsize} of {numel} {dtype} elements")
+      storage = np.frombuffer(self._archive.read(info), dtype)
       self._storages[key] = storage.byteswap() if self._big_endian else storage
     return self._storages[key]
+
+  def _load_build(self) -> None:
+    """BUILD: sets attributes of a namespace or OrderedDict of this load from a dict."""
+    state, inst = self.stack.pop(), self.stack[-1]
+    if type(inst) not in (self._namespace, collections.OrderedDict):
+      what = next((name for name, g in self._globals.items() if g is inst),
+                  f"a {type(inst).__name__}")
+      raise pickle.UnpicklingError(f"refusing to set the state of {what}: only namespaces and "
+                                   f"OrderedDicts the file creates get attributes")
+    if type(state) is not dict:
+      raise pickle.UnpicklingError(f"refusing a {type(state).__name__} as the state of a "
+                                   f"{type(inst).__name__}; only a dict of attributes is read")
+    for key in state:
+      if type(key) is not str or hasattr(type(inst), key):
+        raise pickle.UnpicklingError(f"refusing the attribute {key!r:.40} of a "
+                                     f"{type(inst).__name__}: not a name, or one of its class")
+    inst.__dict__.update(state)
+
+  def _load_extension(self) -> None:
+    raise pickle.UnpicklingError("refusing a pickle extension code: those look globals up in "
+                                 "copyreg's process-wide registry and cache")
+
+  def _load_bytearray8(self) -> None:
+    raise pickle.UnpicklingError("refusing a protocol 5 bytearray: its declared size would be "
+                                 "allocated before it is read, and torch.save writes none")
+
+  dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: _load_build,
+              pickle.BYTEARRAY8[0]: _load_bytearray8,
+              **dict.fromkeys((pickle.EXT1[0], pickle.EXT2[0], pickle.EXT4[0]), _load_extension)}
 
 
 def safe_load_torch(path: str) -> Any:
   """Reads a `torch.save` file (zip format) without torch and without running its code.
 
-  Tensors come back as numpy arrays with their storage dtype (bfloat16 via ml_dtypes).
-  Any global besides tensors, OrderedDict and argparse.Namespace is refused.
+  Tensors come back as read-only numpy arrays with their storage dtype (bfloat16 via
+  ml_dtypes), views of their storages. Any global besides tensors, OrderedDict and
+  argparse.Namespace is refused; namespaces come back as a subclass of argparse.Namespace.
+  Memory is bounded by the file's size: entries must be uncompressed and must not overlap, and
+  each tensor lies within its storage.
   """
   path = os.fspath(path)
   if not zipfile.is_zipfile(path):
@@ -147,11 +203,14 @@ def safe_load_torch(path: str) -> Any:
     pickles = [n for n in archive.namelist() if re.fullmatch(r"[^/]+/data\.pkl", n)]
     if len(pickles) != 1:
       raise ValueError(f"{path}: not a torch checkpoint (no single <archive>/data.pkl)")
-    with archive.open(pickles[0]) as f:
-      try:
+    if sum(i.compress_size for i in archive.infolist()) > os.path.getsize(path):
+      raise ValueError(f"{path}: not a torch checkpoint (its zip entries overlap)")
+    try:
+      with archive.open(_stored_entry(archive, pickles[0])) as f:
         return _RestrictedUnpickler(f, archive, pickles[0][:-len("data.pkl")]).load()
-      except (pickle.UnpicklingError, EOFError, TypeError, AttributeError) as e:
-        raise pickle.UnpicklingError(f"{path}: {e}") from None
+    except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, IndexError, KeyError,
+            ValueError, struct.error) as e:
+      raise pickle.UnpicklingError(f"{path}: {e}") from None
 
 
 # --- Reading state dicts -----------------------------------------------------------------------

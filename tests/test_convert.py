@@ -4,10 +4,14 @@ Reference outputs come from transformers' ViTMAE (PyTorch) with random weights, 
 images and masking noise.
 """
 import argparse
+import collections
+import copy
+import copyreg
 import dataclasses
 import json
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import zipfile
@@ -287,6 +291,7 @@ def test_safe_load_torch_rebuilds_tensors(tmp_path):
     np.testing.assert_array_equal(got[key].astype(want.dtype), want, err_msg=key)
   np.testing.assert_array_equal(got["nested"][0], base[3].numpy())
   assert got["nested"][1] == (1, "a") and got["args"].lr == 0.1
+  assert not got["f32"].flags.writeable  # views of the file's storages
 
   # A storage shorter than its tensors is an error, never a read past its end.
   with zipfile.ZipFile(tmp_path / "t.pth") as src, \
@@ -294,8 +299,122 @@ def test_safe_load_torch_rebuilds_tensors(tmp_path):
     for item in src.infolist():
       data = src.read(item)
       dst.writestr(item, data[:8] if item.filename.endswith("/data/0") else data)
-  with pytest.raises(pickle.UnpicklingError, match="short.pth: storage 0 is truncated"):
+  with pytest.raises(pickle.UnpicklingError,
+                     match="short.pth: storage 0 has 8 bytes, not the 96 of 24 float32"):
     convert.safe_load_torch(tmp_path / "short.pth")
+
+
+def test_training_checkpoint_args_and_metadata_load(tmp_path):
+  """A training checkpoint's args stay attribute-accessible; state dicts keep their _metadata."""
+  model = torch.nn.Linear(2, 3)
+  torch.save({"model": model.state_dict(), "epoch": 3, "empty": argparse.Namespace(),
+              "args": argparse.Namespace(mask_ratio=0.5, norm_pix_loss=True, lr=1e-3)},
+             tmp_path / "checkpoint-3.pth")
+  first, second = (convert.safe_load_torch(tmp_path / "checkpoint-3.pth") for _ in range(2))
+  args = first["args"]
+  assert isinstance(args, argparse.Namespace) and args.mask_ratio == 0.5 and args.norm_pix_loss
+  assert vars(args) == {"mask_ratio": 0.5, "norm_pix_loss": True, "lr": 1e-3}
+  assert first["empty"] == argparse.Namespace() and first["epoch"] == 3
+  # Each load has its own namespace class, never argparse's.
+  assert type(args) is not argparse.Namespace and type(args) is not type(second["args"])
+  assert first["model"]._metadata == model.state_dict()._metadata
+  np.testing.assert_array_equal(first["model"]["weight"], model.weight.detach().numpy())
+
+
+def write_pth(path, pkl: bytes, storages=(), compression=zipfile.ZIP_STORED):
+  """A torch-style zip of data.pkl and data/N storages, entries written with `compression`."""
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("archive/data.pkl", pkl, compression)
+    for i, data in enumerate(storages):
+      z.writestr(f"archive/data/{i}", data, compression)
+  return path
+
+
+def build(target: str, state, new: bool = False) -> bytes:
+  """A pickle giving the global `target` (with `new`, a new instance of it) `state` by BUILD."""
+  module, name = target.rsplit(".", 1)
+  return (b"\x80\x02c" + f"{module}\n{name}\n".encode() + (b")\x81" if new else b"")
+          + pickle.dumps(state, protocol=2)[2:-1] + b"b.")
+
+
+@pytest.mark.parametrize("target,state", [
+    ("argparse.Namespace", (None, {"__init__": collections.OrderedDict})),
+    ("argparse.Namespace", (None, {"__repr__": collections.OrderedDict})),
+    ("torch._utils._rebuild_tensor_v2", {"seen": True}),
+    ("torch._utils._rebuild_tensor_v2", (None, {"__defaults__": (1,)})),
+    ("torch._utils._rebuild_parameter", (None, {"__code__": None})),
+    ("collections.OrderedDict", (None, {"__init__": collections.OrderedDict}))])
+def test_pickle_build_cannot_change_shared_objects(tmp_path, target, state):
+  path = write_pth(tmp_path / "build.pth", build(target, state))
+  with pytest.raises(pickle.UnpicklingError, match=f"refusing to set the state of {target}"):
+    convert.safe_load_torch(path)
+  assert argparse.ArgumentParser().parse_args([]) == argparse.Namespace()
+  assert repr(argparse.Namespace(a=1)) == "Namespace(a=1)"
+  assert vars(convert._rebuild_tensor) == {} and convert._rebuild_tensor.__defaults__ is None
+
+
+@pytest.mark.parametrize("state,error", [
+    ((None, {"lr": 1}), "refusing a tuple as the state of a Namespace"),
+    ({"__eq__": None}, "refusing the attribute '__eq__' of a Namespace"),
+    ({1: 2}, "refusing the attribute 1 of a Namespace")])
+def test_pickle_build_only_sets_attributes_of_new_objects(tmp_path, state, error):
+  path = write_pth(tmp_path / "new.pth", build("argparse.Namespace", state, new=True))
+  with pytest.raises(pickle.UnpicklingError, match=error):
+    convert.safe_load_torch(path)
+  path = write_pth(tmp_path / "ok.pth", build("argparse.Namespace", {"lr": 1}, new=True))
+  assert convert.safe_load_torch(path) == argparse.Namespace(lr=1)
+
+
+def test_pickle_extension_codes_are_refused(tmp_path):
+  """An extension code already in copyreg's cache would be handed out without find_class."""
+  copyreg.add_extension("os", "getcwd", 240)
+  try:
+    assert pickle.loads(b"\x80\x02\x82\xf0.") is os.getcwd  # cached for the whole process
+    with pytest.raises(pickle.UnpicklingError, match="refusing a pickle extension code"):
+      convert.safe_load_torch(write_pth(tmp_path / "ext.pth", b"\x80\x02\x82\xf0)R."))
+  finally:
+    copyreg.remove_extension("os", "getcwd", 240)
+
+
+def test_tiny_files_cannot_claim_huge_memory(tmp_path):
+  # torch.save writes an expanded tensor as its 4-byte storage and stride 0: 4 TB as a copy.
+  torch.save({"w": torch.zeros(1).expand(10**6, 10**6)}, tmp_path / "expanded.pth")
+  torch.save({"w": torch.arange(10.).as_strided((4, 4), (1, 1))}, tmp_path / "overlap.pth")
+  for name in ("expanded", "overlap"):
+    with pytest.raises(pickle.UnpicklingError, match="expanded or overlapping tensors are not "
+                                                     "supported"):
+      convert.safe_load_torch(tmp_path / f"{name}.pth")
+  # A protocol 5 bytearray's declared size would be allocated before reading it.
+  path = write_pth(tmp_path / "bytearray.pth", b"\x80\x05\x96" + struct.pack("<Q", 2**50) + b".")
+  with pytest.raises(pickle.UnpicklingError, match="refusing a protocol 5 bytearray"):
+    convert.safe_load_torch(path)
+
+
+def test_zip_entries_must_be_stored_and_sized(tmp_path):
+  torch.save({"w": torch.ones(2, 3)}, tmp_path / "t.pth")
+  with zipfile.ZipFile(tmp_path / "t.pth") as z:
+    pkl, storage = z.read("t/data.pkl"), z.read("t/data/0")
+  # Deflate could make a tiny entry expand to gigabytes; torch never compresses.
+  path = write_pth(tmp_path / "deflated.pth", pkl, [storage], zipfile.ZIP_DEFLATED)
+  with pytest.raises(pickle.UnpicklingError, match="archive/data.pkl is compressed"):
+    convert.safe_load_torch(path)
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("archive/data.pkl", pkl)
+    z.writestr("archive/data/0", storage, zipfile.ZIP_DEFLATED)
+  with pytest.raises(pickle.UnpicklingError, match="archive/data/0 is compressed"):
+    convert.safe_load_torch(path)
+  path = write_pth(tmp_path / "long.pth", pkl, [storage + bytes(8)])
+  with pytest.raises(pickle.UnpicklingError, match="storage 0 has 32 bytes, not the 24 of 6 "):
+    convert.safe_load_torch(path)
+  # A central directory listing the same data thrice: overlapping entries outsize the file.
+  with zipfile.ZipFile(tmp_path / "overlap.pth", "w") as z:
+    z.writestr("archive/data.pkl", pkl)
+    z.writestr("archive/data/0", bytes(4096))
+    z.filelist += [copy.copy(z.getinfo("archive/data/0")) for _ in range(2)]
+  with pytest.raises(ValueError, match="overlap.pth: not a torch checkpoint \\(its zip entries "
+                                       "overlap\\)"):
+    convert.safe_load_torch(tmp_path / "overlap.pth")
+  assert convert.safe_load_torch(write_pth(tmp_path / "ok.pth", pkl, [storage]))["w"].sum() == 6
 
 
 def test_command_line_converts_and_never_overwrites(hub_dir, pth, tmp_path, capsys):
