@@ -49,11 +49,16 @@ def save_params(path: str, params: Params, config: ModelConfig) -> None:
                                   "encoder_only": "decoder" not in params})))
 
 
+def _steps(root: str) -> list[int]:
+  """Finished steps under a checkpoints folder (Orbax renames a step dir when it commits)."""
+  return [int(n) for n in os.listdir(root) if n.isdigit()] if os.path.isdir(root) else []
+
+
 def latest_step_dir(path: str) -> str:
   """A workdir or its checkpoints/ folder -> the newest finished step directory."""
   root = os.path.join(path, CHECKPOINTS) if os.path.isdir(os.path.join(path, CHECKPOINTS)) \
       else path
-  steps = [int(n) for n in os.listdir(root) if n.isdigit()]
+  steps = _steps(root)
   if not steps:
     raise FileNotFoundError(f"no finished checkpoint under {root}")
   return os.path.join(root, str(max(steps)))
@@ -65,10 +70,7 @@ def is_orbax_dir(path: str) -> bool:
     return False
   if os.path.isdir(os.path.join(path, "config")):
     return True
-  for root in (os.path.join(path, CHECKPOINTS), path):
-    if os.path.isdir(root) and any(n.isdigit() for n in os.listdir(root)):
-      return True
-  return False
+  return bool(_steps(os.path.join(path, CHECKPOINTS)) or _steps(path))
 
 
 def load_params(path: str) -> tuple[Params, ModelConfig]:
@@ -95,8 +97,7 @@ def load_params(path: str) -> tuple[Params, ModelConfig]:
 
 def read_saved_run(workdir: str) -> dict[str, Any] | None:
   """The JSON saved with the newest checkpoint of a workdir plus its `step`, or None."""
-  root = os.path.join(workdir, CHECKPOINTS)
-  if not os.path.isdir(root) or not any(n.isdigit() for n in os.listdir(root)):
+  if not _steps(os.path.join(workdir, CHECKPOINTS)):
     return None
   step_dir = latest_step_dir(workdir)
   with open(os.path.join(step_dir, "config", "metadata")) as f:
@@ -106,9 +107,9 @@ def read_saved_run(workdir: str) -> dict[str, Any] | None:
 class TrainCheckpointer:
   """Orbax CheckpointManager for pretraining: train state, data iterator and config.
 
-  Saves asynchronously when asked (the loop decides when), keeps the newest `keep`, restores against an abstract
-  state carrying the target shardings, so a resumed run gets arrays laid out as before
-  and optimizer states with their own structure.
+  Saves asynchronously when asked (the loop decides when) and keeps the newest `keep`.
+  Restores against an abstract state carrying the target shardings, so a resumed run gets
+  arrays laid out as before and optimizer states with their own structure.
   """
 
   def __init__(self, workdir: str, *, keep: int):

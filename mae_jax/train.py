@@ -31,7 +31,7 @@ from mae_jax.config import ModelConfig, config_from_dict
 from mae_jax.data import pipeline
 from mae_jax.mae import MAEOutput, forward
 from mae_jax.train_step import (State, abstract_state, check_batch, create_state,
-                                make_train_step, state_sharding)
+                                make_train_step)
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
       f.write(config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(config.fsdp)
   abstract = abstract_state(model, tx)
-  shardings = state_sharding(mesh, abstract)
+  shardings = sharding.tree_sharding(mesh, abstract)
   data_iter = iter(loader)
   ckpt = checkpointing.TrainCheckpointer(workdir, keep=config.keep_checkpoints)
   if ckpt.latest_step() is not None:
@@ -233,6 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
       if every(step, config.log_every_steps) or step == plan.stop_step:
         values = fetch(step_metrics)
         check_finite(step, values, ckpt, workdir)
+        previous = None  # checked
         if step > timer_step:
           values.update(timings(time.perf_counter() - timer, step - timer_step, step, plan,
                                 config.batch_size, flops, peak))
@@ -247,7 +248,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
       preempted = preemption.reached(step)
       if (preempted or every(step, config.checkpoint_every_steps)
           or step == plan.stop_step):
-        check_finite(step, fetch(step_metrics), ckpt, workdir)
+        if previous is not None:  # never save a state whose step was not checked
+          check_finite(step, fetch(step_metrics), ckpt, workdir)
+          previous = None
         ckpt.save(step, state, data_iter, saved_config, force=True)
       if preempted:
         log.warning("preempted (SIGTERM): saved step %d, exiting", step)

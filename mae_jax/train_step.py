@@ -17,28 +17,21 @@ State = dict[str, Any]  # {'step': int32 [], 'params': ..., 'opt_state': ...}
 Metrics = dict[str, jax.Array]
 
 
+def _init_state(model: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array) -> State:
+  params = init_params(model, rng)
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
 def abstract_state(model: ModelConfig, tx: optax.GradientTransformation) -> State:
   """ShapeDtypeStructs of the train state, without allocating it."""
-  def init(rng):
-    params = init_params(model, rng)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-  return jax.eval_shape(init, jax.random.key(0))
-
-
-def state_sharding(mesh: Mesh, abstract: State):
-  return sharding.tree_sharding(mesh, abstract)
+  return jax.eval_shape(functools.partial(_init_state, model, tx), jax.random.key(0))
 
 
 def create_state(model: ModelConfig, tx: optax.GradientTransformation, rng: jax.Array,
                  mesh: Mesh) -> State:
   """Initialises params and optimizer state directly in their shardings."""
-  out = state_sharding(mesh, abstract_state(model, tx))
-
-  @functools.partial(jax.jit, out_shardings=out)
-  def init(rng):
-    params = init_params(model, rng)
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-  return init(rng)
+  out = sharding.tree_sharding(mesh, abstract_state(model, tx))
+  return jax.jit(functools.partial(_init_state, model, tx), out_shardings=out)(rng)
 
 
 def check_batch(batch_size: int, num_devices: int, grad_accum_steps: int) -> None:
@@ -62,7 +55,7 @@ def make_train_step(model: ModelConfig, tx: optax.GradientTransformation,
   batch is drawn from the seed folded with the step, then split into `grad_accum_steps`
   micro-batches whose gradients are averaged: 2 x B/2 gives the update of 1 x B.
   """
-  state_shardings = state_sharding(mesh, abstract)
+  state_shardings = sharding.tree_sharding(mesh, abstract)
   batch = sharding.batch_sharding(mesh)
   k = grad_accum_steps
 
