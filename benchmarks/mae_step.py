@@ -22,10 +22,11 @@ from typing import Callable
 
 import jax
 import numpy as np
-import optax
 
+from configs import base
 from mae_jax import model_config, models, sharding
-from mae_jax.train_step import abstract_state, create_state, make_train_step
+from mae_jax.tasks.pretrain import PretrainTask
+from mae_jax.trainer import abstract_state, create_state, make_train_step
 
 GELUS = {"erfc": lambda x: jax.nn.gelu(x, approximate=False),
          "tanh": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -33,14 +34,16 @@ GELUS = {"erfc": lambda x: jax.nn.gelu(x, approximate=False),
 
 def jax_step(config, batch: int, gelu: str | None = None) -> Callable[[], None]:
   """A ready-to-run closure doing one train step; compiled before returning."""
+  run_config = base.get_config().unlock()
+  run_config.model.update(config.to_dict())
+  task = PretrainTask(run_config)  # the recipe's AdamW, as in a real run
   mesh = sharding.make_mesh()
-  schedule = optax.constant_schedule(1e-4)
-  tx = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.05)
-  state = create_state(config, tx, jax.random.key(0), mesh)
-  step = make_train_step(config, tx, schedule, mesh, abstract_state(config, tx))
-  images = jax.device_put(jax.random.normal(jax.random.key(1), (batch, config.image_size,
-                                                                config.image_size, 3)),
-                          sharding.batch_sharding(mesh))
+  schedule, tx = task.optimizer(1e-4, 0, 1000)
+  state = create_state(task, tx, jax.random.key(0), mesh)
+  step = make_train_step(task, tx, schedule, mesh, abstract_state(task, tx))
+  images = {"image": jax.device_put(
+      jax.random.normal(jax.random.key(1), (batch, config.image_size, config.image_size, 3)),
+      sharding.batch_sharding(mesh))}
   holder = {"state": state}
   shipped = models.gelu
   if gelu:

@@ -27,7 +27,11 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = parse_arg(arg, variant="B/16", epochs=800)
   config = ml_collections.ConfigDict()
+  config.task = "pretrain"
   config.seed = 0
+  # Start from these weights instead of a random init (ignored when the workdir resumes):
+  # an official .pth, a Hugging Face directory, or an mae_jax workdir / params checkpoint.
+  config.init_from = ml_collections.config_dict.placeholder(str)
 
   # The model: every ModelConfig field of the variant, so each is overridable
   # (--config.model.mask_ratio=0.5); pick the variant with the argument (:variant=L/16).
@@ -69,6 +73,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
-  config.recon_every_steps = 20 * 312  # about every 20 epochs at batch 4096
-  config.num_recon_images = 8
+
+  # Evaluators (mae_jax/evals): each runs every `every_steps` steps and at the end.
+  config.evals = ml_collections.ConfigDict()
+  config.evals.reconstruction = dict(type="reconstruction", num_images=8,
+                                     every_steps=20 * 312)  # ~every 20 epochs at batch 4096
   return config.lock()

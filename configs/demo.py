@@ -22,6 +22,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.base_lr = 1.5e-3  # small models and batches like a larger lr
   config.log_every_steps = 20
   config.checkpoint_every_steps = 200
-  config.recon_every_steps = 200
-  config.num_recon_images = 6
+  config.evals.reconstruction.update(every_steps=200, num_images=6)
   return config.lock()

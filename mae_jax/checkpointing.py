@@ -80,6 +80,10 @@ def load_params(path: str) -> tuple[Params, ModelConfig]:
     path = latest_step_dir(path)
   with open(os.path.join(path, "config", "metadata")) as f:
     meta = json.load(f)
+  task = meta.get("task", "pretrain")  # checkpoints from before tasks existed are MAEs
+  if task != "pretrain":
+    raise ValueError(f"{path} is a checkpoint of task {task!r}, not an MAE (pretraining) "
+                     "checkpoint")
   config = config_from_dict(meta["model"])
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     if os.path.isdir(os.path.join(path, "params")):

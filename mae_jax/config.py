@@ -22,13 +22,82 @@ VARIANTS: dict[str, dict[str, int]] = {
 DTYPES = ("float32", "bfloat16")
 
 
+ENCODER_FIELDS = ("image_size", "patch_size", "channels", "width", "depth", "num_heads",
+                  "mlp_ratio", "layer_norm_eps", "dtype")
+
+
+def _check_positive_ints(config, names) -> None:
+  for name in names:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """A ViT encoder: patch embedding, fixed 2D sin-cos positions, pre-norm blocks, final norm.
+
+  What every task shares (MAE's encoder, the linear probe's frozen backbone, a fine-tuned
+  classifier); decoder and masking fields live in `ModelConfig` only.
+  """
+
+  image_size: int = 224
+  patch_size: int = 16
+  channels: int = 3
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  layer_norm_eps: float = 1e-6
+  dtype: str = "float32"  # activation dtype; parameters are always float32
+
+  def __post_init__(self):
+    _check_positive_ints(self, ("image_size", "patch_size", "channels", "width", "depth",
+                                "num_heads"))
+    if self.image_size % self.patch_size:
+      raise ValueError(f"image_size {self.image_size} is not divisible by "
+                       f"patch_size {self.patch_size}")
+    if self.width % self.num_heads:
+      raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+    if self.width % 4:  # 2D sin-cos embeddings split the width in four (sin/cos of rows/columns)
+      raise ValueError(f"width {self.width} must be a multiple of 4 for 2D sin-cos embeddings")
+    if not self.mlp_ratio > 0 or int(self.width * self.mlp_ratio) < 1:
+      raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+    if not self.layer_norm_eps > 0:
+      raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid_size ** 2
+
+  @property
+  def patch_dim(self) -> int:
+    return self.patch_size ** 2 * self.channels
+
+  @property
+  def mlp_dim(self) -> int:
+    return int(self.width * self.mlp_ratio)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture of an MAE: ViT encoder, lightweight decoder, masking and loss options.
 
-  Registered as a static pytree (no leaves), so it may be passed positionally through
-  `jax.jit` or `jax.eval_shape` as well as as a static argument.
+  Flat, as `model_config` takes it and as checkpoints store it; `.encoder` is the ViTConfig
+  part (the ENCODER_FIELDS), checked by ViTConfig itself. Registered as a static pytree
+  (no leaves), so it may be passed positionally through `jax.jit` or `jax.eval_shape` as
+  well as as a static argument.
   """
 
   image_size: int = 224
@@ -48,51 +117,33 @@ class ModelConfig:
   encoder_mask_tokens: bool = False  # the paper's ablation: encoder sees mask tokens too
 
   def __post_init__(self):
-    for name in ("image_size", "patch_size", "channels", "width", "depth", "num_heads",
-                 "decoder_width", "decoder_depth", "decoder_num_heads"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if self.image_size % self.patch_size:
-      raise ValueError(f"image_size {self.image_size} is not divisible by "
-                       f"patch_size {self.patch_size}")
+    self.encoder  # checks the encoder's fields
+    _check_positive_ints(self, ("decoder_width", "decoder_depth", "decoder_num_heads"))
     if not 0.0 <= self.mask_ratio < 1.0:
       raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
     if self.num_visible < 1:
       raise ValueError(f"mask_ratio {self.mask_ratio} keeps no patch out of {self.num_patches}")
-    for w, h, tag in ((self.width, self.num_heads, ""),
-                      (self.decoder_width, self.decoder_num_heads, "decoder_")):
-      if w % h:
-        raise ValueError(f"{tag}width {w} is not divisible by {tag}num_heads {h}")
-      if w % 4:  # 2D sin-cos embeddings split the width in four (sin/cos of rows/columns)
-        raise ValueError(f"{tag}width {w} must be a multiple of 4 for 2D sin-cos embeddings")
-    if not self.mlp_ratio > 0 or int(self.width * self.mlp_ratio) < 1:
-      raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
-    if not self.layer_norm_eps > 0:
-      raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps}")
-    if self.dtype not in DTYPES:
-      raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+    if self.decoder_width % self.decoder_num_heads:
+      raise ValueError(f"decoder_width {self.decoder_width} is not divisible by "
+                       f"decoder_num_heads {self.decoder_num_heads}")
+    if self.decoder_width % 4:
+      raise ValueError(f"decoder_width {self.decoder_width} must be a multiple of 4 for 2D "
+                       "sin-cos embeddings")
 
   @property
-  def grid_size(self) -> int:
-    return self.image_size // self.patch_size
+  def encoder(self) -> ViTConfig:
+    """The encoder's own config: what a classifier built on this MAE's encoder carries."""
+    return ViTConfig(**{name: getattr(self, name) for name in ENCODER_FIELDS})
 
-  @property
-  def num_patches(self) -> int:
-    return self.grid_size ** 2
+  grid_size = property(lambda self: self.encoder.grid_size)
+  num_patches = property(lambda self: self.encoder.num_patches)
+  patch_dim = property(lambda self: self.encoder.patch_dim)
+  mlp_dim = property(lambda self: self.encoder.mlp_dim)
 
   @property
   def num_visible(self) -> int:
     """Patches kept per image: int(N * (1 - mask_ratio)), the reference's rule."""
     return int(self.num_patches * (1 - self.mask_ratio))
-
-  @property
-  def patch_dim(self) -> int:
-    return self.patch_size ** 2 * self.channels
-
-  @property
-  def mlp_dim(self) -> int:
-    return int(self.width * self.mlp_ratio)
 
   @property
   def decoder_mlp_dim(self) -> int:
@@ -103,6 +154,7 @@ class ModelConfig:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+assert set(ENCODER_FIELDS) <= set(FIELDS)
 
 
 def model_config(variant: str = "B/16", **overrides: Any) -> ModelConfig:
@@ -117,6 +169,17 @@ def model_config(variant: str = "B/16", **overrides: Any) -> ModelConfig:
   if unknown:
     raise ValueError(f"unknown model config field(s) {unknown}; fields: {', '.join(FIELDS)}")
   return ModelConfig(**{**VARIANTS[variant], **overrides})
+
+
+def vit_config(variant: str = "B/16", **overrides: Any) -> ViTConfig:
+  """The encoder config of a named variant with overrides (no decoder fields)."""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+  unknown = sorted(set(overrides) - set(ENCODER_FIELDS))
+  if unknown:
+    raise ValueError(f"unknown encoder config field(s) {unknown}; fields: "
+                     f"{', '.join(ENCODER_FIELDS)}")
+  return ViTConfig(**{**VARIANTS[variant], **overrides})
 
 
 def config_from_dict(fields: dict[str, Any]) -> ModelConfig:

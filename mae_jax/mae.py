@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mae_jax.config import ModelConfig
+from mae_jax.config import ModelConfig, ViTConfig
 from mae_jax.losses import masked_mse, normalize_patches
 from mae_jax.masking import random_masking
 from mae_jax.models import Decoder, Encoder
@@ -28,7 +28,7 @@ class MAEOutput(NamedTuple):
   latent: jax.Array  # [B, 1 + L, D] encoder output (L = N with encoder_mask_tokens)
 
 
-def check_images(images: jax.Array, config: ModelConfig) -> None:
+def check_images(images: jax.Array, config: ModelConfig | ViTConfig) -> None:
   """Raises a ValueError naming the problem unless images are [B, H, W, C] as configured."""
   if images.ndim != 4:
     raise ValueError(f"images must be [B, H, W, C], got shape {tuple(images.shape)}")
@@ -57,12 +57,12 @@ def forward(params: Params, images: jax.Array, rng: jax.Array | None, config: Mo
                            rng=None if noise is not None else rng)
   if config.encoder_mask_tokens:
     positions = jnp.broadcast_to(jnp.arange(n), (b, n))
-    latent = Encoder(config).apply({"params": params["encoder"]}, patches, positions,
-                                   masking.mask)
+    latent = Encoder(config.encoder, mask_tokens=True).apply(
+        {"params": params["encoder"]}, patches, positions, masking.mask)
     pred = Decoder(config).apply({"params": params["decoder"]}, latent, None)
   else:
-    latent = Encoder(config).apply({"params": params["encoder"]}, masking.kept,
-                                   masking.ids_keep)
+    latent = Encoder(config.encoder).apply({"params": params["encoder"]}, masking.kept,
+                                           masking.ids_keep)
     pred = Decoder(config).apply({"params": params["decoder"]}, latent, masking.ids_restore)
   target = normalize_patches(patches) if config.norm_pix_loss else patches
   loss = masked_mse(pred, target, masking.mask)
@@ -81,15 +81,49 @@ def mae_apply(params: Params, images: jax.Array, rng: jax.Array | None = None, *
   return forward(params, images, rng, config, noise)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def encode(encoder_params: Params, images: jax.Array, *, config: ModelConfig) -> jax.Array:
-  """Encoder on all patches, no masking (for evaluation): [B, H, W, C] -> [B, 1 + N, D]."""
+def _encode(encoder_params: Params, images: jax.Array, config: ModelConfig | ViTConfig,
+            final_norm: bool = True) -> jax.Array:
+  """Un-jitted encoder on all patches, no masking: [B, H, W, C] -> [B, 1 + N, D]."""
   check_images(images, config)
-  patches = patchify(images.astype(jnp.float32), config.patch_size)
+  mask_tokens = getattr(config, "encoder_mask_tokens", False)
+  vit = config.encoder if isinstance(config, ModelConfig) else config
+  patches = patchify(images.astype(jnp.float32), vit.patch_size)
   b, n, _ = patches.shape
   positions = jnp.broadcast_to(jnp.arange(n), (b, n))
-  mask = jnp.zeros((b, n)) if config.encoder_mask_tokens else None
-  return Encoder(config).apply({"params": encoder_params}, patches, positions, mask)
+  mask = jnp.zeros((b, n)) if mask_tokens else None
+  return Encoder(vit, mask_tokens, final_norm).apply({"params": encoder_params}, patches,
+                                                     positions, mask)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def encode(encoder_params: Params, images: jax.Array, *,
+           config: ModelConfig | ViTConfig) -> jax.Array:
+  """Encoder on all patches, no masking (for evaluation): [B, H, W, C] -> [B, 1 + N, D].
+
+  `config` is an MAE config or just its encoder's (`ViTConfig`).
+  """
+  return _encode(encoder_params, images, config)
+
+
+POOLS = ("cls", "avg")
+
+
+def features(encoder_params: Params, images: jax.Array, config: ModelConfig | ViTConfig,
+             pool: str = "cls") -> jax.Array:
+  """Frozen-encoder features [B, D] as the reference's linear probe takes them.
+
+  'cls': the cls token after the encoder's final norm. 'avg' (the reference's
+  `global_pool`): the mean of the patch tokens before the final norm, then a LayerNorm
+  without learned scale or offset (the probe's `fc_norm` is frozen at its initial values).
+  """
+  if pool == "cls":
+    return _encode(encoder_params, images, config)[:, 0]
+  if pool == "avg":
+    pooled = _encode(encoder_params, images, config, final_norm=False)[:, 1:].mean(axis=1)
+    mean = pooled.mean(-1, keepdims=True)
+    var = pooled.var(-1, keepdims=True)
+    return (pooled - mean) * jax.lax.rsqrt(var + config.layer_norm_eps)
+  raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -101,7 +135,8 @@ def _init(rng: jax.Array, config: ModelConfig) -> Params:
   patches = jnp.zeros((1, visible, config.patch_dim))
   positions = jnp.arange(visible)[None]
   mask = jnp.zeros((1, n)) if config.encoder_mask_tokens else None
-  encoder = Encoder(config).init(enc_rng, patches, positions, mask)["params"]
+  encoder = Encoder(config.encoder, config.encoder_mask_tokens).init(
+      enc_rng, patches, positions, mask)["params"]
   latent = jnp.zeros((1, 1 + visible, config.width))
   ids_restore = None if config.encoder_mask_tokens else jnp.arange(n)[None]
   decoder = Decoder(config).init(dec_rng, latent, ids_restore)["params"]

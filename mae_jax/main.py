@@ -11,7 +11,7 @@ from absl import logging as absl_logging
 import jax
 from ml_collections import config_flags
 
-from mae_jax import train
+from mae_jax import trainer
 
 config_flags.DEFINE_config_file("config", None, "Training config file (ml_collections).",
                                 lock_config=True)
@@ -42,7 +42,7 @@ def main(argv):
       "process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
       jax.process_count(), jax.local_device_count(), jax.device_count(),
       jax.devices()[0].device_kind)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax.config import ModelConfig
+from mae_jax.config import ModelConfig, ViTConfig
 from mae_jax.posemb import sincos_2d
 
 xavier = nn.initializers.xavier_uniform()
@@ -79,11 +79,13 @@ class Encoder(nn.Module):
   """ViT encoder over a subset of patches (plus a cls token), ending with LayerNorm.
 
   patches: [B, L, p*p*C] (already patchified); positions: [B, L] int, the grid index of
-  each patch, used to pick its fixed position embedding. With `mask` ([B, N], only for the
-  paper's ablation `encoder_mask_tokens`), masked patches are replaced by a learned token.
-  Returns [B, 1 + L, D].
+  each patch, used to pick its fixed position embedding. With `mask_tokens` (the paper's
+  ablation `encoder_mask_tokens`), patches where `mask` ([B, N]) is 1 are replaced by a
+  learned token. Returns [B, 1 + L, D].
   """
-  config: ModelConfig
+  config: ViTConfig
+  mask_tokens: bool = False
+  final_norm: bool = True  # False: the last block's output (for pooled features)
 
   @nn.compact
   def __call__(self, patches: jax.Array, positions: jax.Array,
@@ -93,7 +95,7 @@ class Encoder(nn.Module):
     pos = jnp.asarray(sincos_2d(cfg.width, cfg.grid_size))  # [N, D]
     x = nn.Dense(cfg.width, kernel_init=xavier, dtype=dtype, name="patch_embed")(patches)
     x = x.astype(jnp.float32) + pos[positions]  # [B, L, D] float32 residual stream
-    if cfg.encoder_mask_tokens:
+    if self.mask_tokens:
       if mask is None:
         raise ValueError("encoder_mask_tokens needs the mask")
       token = self.param("mask_token", token_init, (1, 1, cfg.width))
@@ -103,6 +105,8 @@ class Encoder(nn.Module):
                         axis=1)  # [B, 1 + L, D]
     for i in range(cfg.depth):
       x = Block(cfg.num_heads, cfg.mlp_dim, cfg.layer_norm_eps, dtype, name=f"blocks_{i}")(x)
+    if not self.final_norm:
+      return x
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, name="norm")(x)
 
 

@@ -20,8 +20,9 @@ from mae_jax import mae_apply, optim, sharding
 from mae_jax.checkpointing import load_params
 from mae_jax.data import demo as demo_data
 from mae_jax.data import pipeline
-from mae_jax.train import model_config_from, optimizer, plan_run, train_and_evaluate
-from mae_jax.train_step import abstract_state, create_state, make_train_step
+from mae_jax.tasks.pretrain import PretrainTask, model_config_from
+from mae_jax.trainer import (abstract_state, create_state, make_train_step, plan_run,
+                             train_and_evaluate)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny model on 32x32 crops of the demo photos: a step takes well under a second.
@@ -29,8 +30,10 @@ OVERRIDES = {
     "model.image_size": 32, "model.width": 64, "model.depth": 2, "model.num_heads": 4,
     "model.decoder_width": 32, "model.decoder_depth": 1, "model.decoder_num_heads": 4,
     "batch_size": 16, "total_steps": 200, "warmup_steps": 5, "log_every_steps": 2,
-    "checkpoint_every_steps": 2, "recon_every_steps": 4, "num_recon_images": 2,
+    "checkpoint_every_steps": 2, "evals.reconstruction.every_steps": 4,
+    "evals.reconstruction.num_images": 2,
 }
+NO_RECON = {"evals.reconstruction.every_steps": -1}
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +132,7 @@ def test_grad_accumulation_matches_full_batch():
   would blow float rounding up on near-zero gradients); accumulation happens before the
   optimizer, so this covers AdamW too.
   """
-  model = model_config_from(config_with("unused"))
+  task = PretrainTask(config_with("unused"))
   mesh = sharding.make_mesh()
   images = jax.device_put(jax.random.normal(jax.random.key(1), (16, 32, 32, 3)),
                           sharding.batch_sharding(mesh))
@@ -137,11 +140,11 @@ def test_grad_accumulation_matches_full_batch():
   tx = optax.sgd(schedule)
   results = []
   for k in (1, 2):
-    state = create_state(model, tx, jax.random.key(0), mesh)
+    state = create_state(task, tx, jax.random.key(0), mesh)
     start = jax.device_get(state["params"])
-    step = make_train_step(model, tx, schedule, mesh, abstract_state(model, tx),
+    step = make_train_step(task, tx, schedule, mesh, abstract_state(task, tx),
                            grad_accum_steps=k)
-    state, metrics = step(state, images)
+    state, metrics = step(state, {"image": images})
     grads = jax.tree.map(lambda a, b: a - b, start, jax.device_get(state["params"]))
     results.append((grads, jax.device_get(metrics)))
   (g1, m1), (g2, m2) = results
@@ -152,21 +155,21 @@ def test_grad_accumulation_matches_full_batch():
 
 
 def test_fsdp_step_matches_data_parallel():
-  model = model_config_from(config_with("unused"))
+  task = PretrainTask(config_with("unused"))
   tx = optim.make_optimizer(optax.constant_schedule(1e-3), weight_decay=0.05, b1=0.9, b2=0.95)
   losses = []
   for fsdp in (1, 4):
     mesh = sharding.make_mesh(fsdp)
-    state = create_state(model, tx, jax.random.key(0), mesh)
+    state = create_state(task, tx, jax.random.key(0), mesh)
     if fsdp > 1:
       kernel = state["params"]["encoder"]["blocks_0"]["mlp"]["fc1"]["kernel"]
       assert "fsdp" in str(kernel.sharding.spec)
-    step = make_train_step(model, tx, optax.constant_schedule(1e-3), mesh,
-                           abstract_state(model, tx))
+    step = make_train_step(task, tx, optax.constant_schedule(1e-3), mesh,
+                           abstract_state(task, tx))
     images = jax.device_put(jax.random.normal(jax.random.key(1), (16, 32, 32, 3)),
                             sharding.batch_sharding(mesh))
     for _ in range(2):
-      state, metrics = step(state, images)
+      state, metrics = step(state, {"image": images})
     losses.append(float(metrics["loss"]))
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
@@ -189,9 +192,9 @@ def test_lr_schedule_matches_recipe():
 
 
 def test_weight_decay_mask_matches_recipe():
-  model = model_config_from(config_with("unused"))
+  task = PretrainTask(config_with("unused"))
   params = jax.eval_shape(lambda: create_state(
-      model, optax.identity(), jax.random.key(0), sharding.make_mesh())["params"])
+      task, optax.identity(), jax.random.key(0), sharding.make_mesh())["params"])
   mask = optim.weight_decay_mask(params)
   enc, dec = mask["encoder"], mask["decoder"]
   assert enc["blocks_0"]["attn"]["qkv"]["kernel"] and dec["decoder_pred"]["kernel"]
@@ -237,7 +240,7 @@ def test_non_finite_state_stops_and_keeps_last_good_checkpoint(tmp_path, demo_di
   # Warmup starts at lr 0, so step 1 keeps the (good) initial params; at step 2 a huge lr
   # overflows the params. Nothing non-finite may be saved.
   config = config_with(demo_dir, lr=1e30, warmup_steps=2, checkpoint_every_steps=1,
-                       recon_every_steps=0)
+                       **NO_RECON)
   with pytest.raises(FloatingPointError, match=r"non-finite .* last good checkpoint \(step 1\)"):
     train_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1"]
@@ -248,9 +251,9 @@ def test_non_finite_state_stops_and_keeps_last_good_checkpoint(tmp_path, demo_di
 
 def test_stop_before_the_saved_step_is_refused(tmp_path, demo_dir):
   workdir = str(tmp_path / "run")
-  train_and_evaluate(config_with(demo_dir, stop_at_step=4, recon_every_steps=0), workdir)
+  train_and_evaluate(config_with(demo_dir, stop_at_step=4, **NO_RECON), workdir)
   with pytest.raises(ValueError, match="at step 4, past the requested stop at step 2"):
-    train_and_evaluate(config_with(demo_dir, stop_at_step=2, recon_every_steps=0), workdir)
+    train_and_evaluate(config_with(demo_dir, stop_at_step=2, **NO_RECON), workdir)
 
 
 def free_port():
@@ -261,19 +264,21 @@ def free_port():
 
 def two_host_reference(config, steps):
   """The same run in this one process: the global batch is host 0's batch then host 1's."""
-  model = model_config_from(config)
+  task = PretrainTask(config)
+  model = task.model
   source = pipeline.make_source(config.input, config.input.split)
-  schedule, tx = optimizer(config, plan_run(config, len(source)))
+  plan = plan_run(config, len(source))
+  schedule, tx = task.optimizer(plan.peak_lr, plan.warmup_steps, plan.total_steps)
   mesh = sharding.make_mesh(config.fsdp)
-  state = create_state(model, tx, jax.random.key(config.seed), mesh)
-  step = make_train_step(model, tx, schedule, mesh, abstract_state(model, tx), seed=config.seed)
+  state = create_state(task, tx, jax.random.key(config.seed), mesh)
+  step = make_train_step(task, tx, schedule, mesh, abstract_state(task, tx), seed=config.seed)
   hosts = [iter(pipeline.make_train_loader(config.input, image_size=model.image_size,
                                            global_batch_size=config.batch_size,
                                            seed=config.seed, process_index=i, process_count=2))
            for i in range(2)]
   for _ in range(steps):
     images = np.concatenate([next(host)["image"] for host in hosts])
-    state, _ = step(state, jax.device_put(images, sharding.batch_sharding(mesh)))
+    state, _ = step(state, {"image": jax.device_put(images, sharding.batch_sharding(mesh))})
   return jax.device_get(state["params"])
 
 

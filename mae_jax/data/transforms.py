@@ -66,17 +66,21 @@ def decode_rgb(image: bytes | np.ndarray) -> np.ndarray:
 
 
 class DecodeImage(grain.transforms.Map):
-  """Decodes `image` to RGB uint8, or to None (logged) when undecodable."""
+  """Decodes `image` to RGB uint8, or to None (logged) when undecodable.
+
+  Keeps the record's integer `label` when it has one; other fields are dropped.
+  """
 
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    out = {"label": np.int32(element["label"])} if "label" in element else {}
     try:
-      return {"image": decode_rgb(element["image"])}
+      return {"image": decode_rgb(element["image"]), **out}
     except Exception as e:  # pylint: disable=broad-except
       # PIL raises many types (OSError, SyntaxError, DecompressionBombError..).
       logging.warning("Skipping undecodable image %s: %s: %s",
                       element.get("file_name", "<no file name>"),
                       type(e).__name__, e)
-      return {"image": None}
+      return {"image": None, **out}
 
 
 class SkipUndecodable(grain.transforms.Filter):

@@ -1,0 +1,110 @@
+"""What a task gives the shared trainer: its model, loss, optimizer and data.
+
+The trainer (mae_jax/trainer) owns everything else: the mesh, the train state and its
+shardings, restoring or `init_from`, the jitted step with accumulation and donation, the
+loop with preemption, non-finite checks, metrics, checkpoints and evaluators.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, NamedTuple
+
+import grain
+import jax
+import ml_collections
+import optax
+
+from mae_jax.data import pipeline
+
+Params = Any  # a pytree of float32 arrays, the trained parameters
+ModelState = dict[str, Any]  # what the model carries but is not trained ({} for most tasks)
+Batch = dict[str, jax.Array]
+
+
+class Aux(NamedTuple):
+  """The second output of a task's loss function."""
+  metrics: dict[str, jax.Array]  # scalars, averaged over gradient-accumulation micro-batches
+  model_state: ModelState  # the updated model state (e.g. BatchNorm statistics)
+
+
+class Task(abc.ABC):
+  """A trainable task. Subclasses set `name` and implement the abstract methods.
+
+  `loss_fn(params, model_state, batch, rng) -> (loss, Aux)` is differentiated with respect
+  to `params` only; `model_state` holds what is carried without gradients (BatchNorm
+  statistics, a frozen encoder). Batches are dicts of global arrays with `batch_keys`.
+  """
+
+  name: str
+  batch_keys: tuple[str, ...] = ("image",)
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  # --- The model. ---
+  @abc.abstractmethod
+  def model_dict(self) -> dict[str, Any]:
+    """The architecture, saved with every checkpoint; a resumed run must have the same."""
+
+  @abc.abstractmethod
+  def init(self, rng: jax.Array) -> tuple[Params, ModelState]:
+    """Freshly initialised (params, model_state)."""
+
+  def load_init(self, path: str) -> Any:
+    """Reads `config.init_from` (before anything is written); checks it fits this model."""
+    raise ValueError(f"task {self.name!r} does not take config.init_from")
+
+  def apply_init(self, loaded: Any, params: Params, model_state: ModelState
+                 ) -> tuple[Params, ModelState]:
+    """Puts what `load_init` read into freshly initialised (params, model_state)."""
+    raise NotImplementedError
+
+  # --- The loss. ---
+  def prepare_batch(self, batch: Batch, rng: jax.Array) -> Batch:
+    """Whole-batch randomness (e.g. MAE's masking noise), drawn once per step before the
+    batch is split into accumulation micro-batches, so that accumulating changes nothing."""
+    del rng
+    return batch
+
+  @abc.abstractmethod
+  def loss_fn(self, params: Params, model_state: ModelState, batch: Batch, rng: jax.Array
+              ) -> tuple[jax.Array, Aux]:
+    """Scalar loss and Aux for one (micro-)batch."""
+
+  # --- The optimizer. ---
+  @abc.abstractmethod
+  def optimizer(self, peak_lr: float, warmup_steps: int, total_steps: int
+                ) -> tuple[optax.Schedule, optax.GradientTransformation]:
+    """(lr schedule, optimizer) of the recipe for a run of `total_steps`."""
+
+  def run_fields(self) -> tuple[str, ...]:
+    """Config fields besides the shared ones that a resumed run must keep (optimizer)."""
+    return ()
+
+  # --- The data. ---
+  def train_source(self) -> grain.sources.RandomAccessDataSource:
+    return pipeline.make_source(self.config.input, self.config.input.split)
+
+  def train_loader(self, source: grain.sources.RandomAccessDataSource) -> grain.DataLoader:
+    return pipeline.make_train_loader(
+        self.config.input, image_size=self.image_size, global_batch_size=self.config.batch_size,
+        seed=self.config.seed, source=source)
+
+  @property
+  @abc.abstractmethod
+  def image_size(self) -> int:
+    """Side of the square input images."""
+
+  def flops_per_example(self) -> float | None:
+    """Model FLOPs of one training example (for MFU), or None when not known."""
+    return None
+
+  # --- What evaluators use. ---
+  def features(self, params: Params, model_state: ModelState, images: jax.Array,
+               pool: str = "cls") -> jax.Array:
+    """[B, H, W, C] -> [B, D] encoder features (kNN), pooled as `mae.features`."""
+    raise ValueError(f"task {self.name!r} has no features for kNN")
+
+  def logits(self, params: Params, model_state: ModelState, images: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, num_classes] (classification accuracy)."""
+    raise ValueError(f"task {self.name!r} does not classify")

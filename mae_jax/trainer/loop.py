@@ -1,0 +1,199 @@
+"""The training loop every task shares: data -> sharded step -> metrics, evaluators, checkpoints.
+
+`train_and_evaluate(config, workdir)` runs (or resumes) the task `config.task` in `workdir`:
+  WORKDIR/checkpoints/<step>/   Orbax: train state, data iterator state, config
+  WORKDIR/tensorboard/          TensorBoard events
+  WORKDIR/metrics.jsonl         the same scalars, one JSON object per log step
+  WORKDIR/config.json           the full run config
+  WORKDIR/results.json          the evaluators' scalars at the last step (when there are any)
+and whatever its evaluators write (e.g. reconstructions/). Every check on the config, the
+devices, the data and `init_from` happens before anything is compiled or written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+
+import jax
+import ml_collections
+
+from mae_jax import checkpointing, evals, metrics as metrics_lib, sharding, tasks
+from mae_jax.data import pipeline
+from mae_jax.trainer.setup import (Plan, check_resumable, checkpoint_config, plan_run,
+                                   run_signature)
+from mae_jax.trainer.step import State, abstract_state, check_batch, create_state, \
+    make_train_step
+
+log = logging.getLogger(__name__)
+
+
+def every(step: int, interval: int) -> bool:
+  return interval > 0 and step % interval == 0
+
+
+class Preemption:
+  """Tells when to save and exit on SIGTERM (preemption), on one host or on all of them.
+
+  Multi-process runs use JAX's preemption sync point (every host saves at the same step);
+  a single process sets a flag from its own SIGTERM handler.
+  """
+
+  def __init__(self, manager):
+    self._manager = manager
+    self._flag = threading.Event()
+    self._multi = jax.process_count() > 1
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+
+  def reached(self, step: int) -> bool:
+    return self._manager.reached_preemption(step) if self._multi else self._flag.is_set()
+
+  def close(self) -> None:
+    if hasattr(self, "_previous"):
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def fetch(values: dict[str, jax.Array]) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(values).items()}
+
+
+def timings(elapsed: float, steps: int, step: int, plan: Plan, batch_size: int,
+            flops_per_step: float | None, peak_flops: float | None) -> dict[str, float]:
+  """Step time, throughput, ETA and (on known accelerators) model FLOP utilisation."""
+  step_time = elapsed / steps
+  out = {"step_time_s": step_time, "images_per_s": batch_size / step_time,
+         "eta_s": step_time * (plan.total_steps - step)}
+  if peak_flops and flops_per_step:
+    out["mfu"] = flops_per_step / step_time / (peak_flops * jax.device_count())
+  return out
+
+
+def check_finite(step: int, values: dict[str, float], ckpt: checkpointing.TrainCheckpointer,
+                 workdir: str) -> None:
+  if not all(math.isfinite(v) for v in values.values()):
+    raise FloatingPointError(
+        f"non-finite training metrics at step {step}: {values}; stopping without saving. "
+        f"The last good checkpoint (step {ckpt.latest_step()}) stays in {workdir}/checkpoints")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State:
+  """Trains (or resumes) the configured task; returns the final train state."""
+  # --- Checks: nothing compiled or written before these pass. ---
+  task = tasks.make_task(config)
+  check_batch(config.batch_size, jax.device_count(), config.grad_accum_steps)
+  if "://" in workdir or os.path.isfile(workdir):
+    raise ValueError(f"workdir {workdir!r} must be a directory path on a filesystem every host "
+                     "sees (for a bucket, mount it, e.g. with gcsfuse)")
+  source = task.train_source()
+  plan = plan_run(config, len(source))
+  run = run_signature(config, plan, task)
+  saved = checkpointing.read_saved_run(workdir)
+  if saved is not None:
+    check_resumable(workdir, saved, task, run, plan)
+  init_from = config.get("init_from")
+  loaded = task.load_init(init_from) if init_from and saved is None else None
+  schedule, tx = task.optimizer(plan.peak_lr, plan.warmup_steps, plan.total_steps)
+  loader = task.train_loader(source)
+  mesh = sharding.make_mesh(config.fsdp)
+  evaluators = evals.make_evaluators(config, task, mesh)
+
+  # --- Set-up. ---
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  abstract = abstract_state(task, tx)
+  shardings = sharding.tree_sharding(mesh, abstract)
+  data_iter = iter(loader)
+  ckpt = checkpointing.TrainCheckpointer(workdir, keep=config.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+    state = ckpt.restore(target, data_iter)
+    log.info("resumed from step %d in %s", int(state["step"]), workdir)
+  else:
+    state = create_state(task, tx, jax.random.key(config.seed), mesh)
+    if loaded is not None:
+      state = start_from(task, tx, state, loaded, shardings)
+      log.info("initialised from %s", init_from)
+  train_step = make_train_step(task, tx, schedule, mesh, abstract,
+                               grad_accum_steps=config.grad_accum_steps, seed=config.seed)
+  saved_config = checkpoint_config(task, run, config)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  preemption = Preemption(ckpt.manager)
+  batch_sharding = sharding.batch_sharding(mesh)
+  flops = task.flops_per_example()
+  flops = flops * config.batch_size if flops else None
+  peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
+  results = {}
+  try:
+    step = first_step = int(state["step"])
+    log.info("training %s %s from step %d to %d (%d steps/epoch, peak lr %.3g)",
+             task.name, task.model_dict(), step, plan.stop_step, plan.steps_per_epoch,
+             plan.peak_lr)
+    if step == plan.stop_step:
+      log.warning("%s is already at step %d: nothing to train", workdir, step)
+    skipped, previous, timer_step, timer = 0, None, step, time.perf_counter()
+    while step < plan.stop_step:
+      batch = next(data_iter)
+      skipped += int(batch["skipped"].sum())
+      state, step_metrics = train_step(state, pipeline.to_global_array(
+          {k: batch[k] for k in task.batch_keys}, batch_sharding))
+      step += 1
+      if previous is not None:  # check the previous step while this one runs
+        check_finite(previous[0], fetch(previous[1]), ckpt, workdir)
+      previous = (step, step_metrics)
+      if step == first_step + 1:  # leave compilation out of the timings
+        jax.block_until_ready(step_metrics)
+        timer_step, timer = step, time.perf_counter()
+      if every(step, config.log_every_steps) or step == plan.stop_step:
+        values = fetch(step_metrics)
+        check_finite(step, values, ckpt, workdir)
+        previous = None  # checked
+        if step > timer_step:
+          values.update(timings(time.perf_counter() - timer, step - timer_step, step, plan,
+                                config.batch_size, flops, peak))
+          timer_step, timer = step, time.perf_counter()
+          metrics_lib.log_progress(step, plan.total_steps, values)
+        values.update(epoch=step / plan.steps_per_epoch, data_skipped=skipped)
+        writer.scalars(step, values)
+      for evaluator in evaluators:
+        if every(step, evaluator.every_steps) or step == plan.stop_step:
+          out = evaluator.run(state, step, workdir, writer)
+          if out:
+            out = {f"{evaluator.name}/{k}": v for k, v in out.items()}
+            writer.scalars(step, out)
+            results.update(out)
+      preempted = preemption.reached(step)
+      if (preempted or every(step, config.checkpoint_every_steps)
+          or step == plan.stop_step):
+        if previous is not None:  # never save a state whose step was not checked
+          check_finite(step, fetch(step_metrics), ckpt, workdir)
+          previous = None
+        ckpt.save(step, state, data_iter, saved_config, force=True)
+      if preempted:
+        log.warning("preempted (SIGTERM): saved step %d, exiting", step)
+        break
+    if results and is_main and step == plan.stop_step:
+      with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump({"step": step, **results}, f, indent=2)
+  finally:
+    preemption.close()
+    writer.close()
+    ckpt.close()
+  return state
+
+
+def start_from(task: tasks.Task, tx, state: State, loaded, shardings) -> State:
+  """The initial state with `config.init_from`'s weights put in (fresh optimizer state)."""
+  params, model_state = task.apply_init(loaded, state["params"], state.get("model_state", {}))
+  new = {"step": state["step"], "params": params, "opt_state": tx.init(params)}
+  if "model_state" in state:
+    new["model_state"] = model_state
+  return jax.device_put(new, shardings)
