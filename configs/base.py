@@ -24,26 +24,22 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = parse_arg(arg, variant="B/16", epochs=800)
+def run_config(task: str, *, epochs: float, warmup_epochs: float, batch_size: int,
+               base_lr: float) -> ml_collections.ConfigDict:
+  """The fields every task's config has (the trainer reads them); unlocked."""
   config = ml_collections.ConfigDict()
-  config.task = "pretrain"
+  config.task = task
   config.seed = 0
   # Start from these weights instead of a random init (ignored when the workdir resumes):
   # an official .pth, a Hugging Face directory, or an mae_jax workdir / params checkpoint.
   config.init_from = ml_collections.config_dict.placeholder(str)
-
-  # The model: every ModelConfig field of the variant, so each is overridable
-  # (--config.model.mask_ratio=0.5); pick the variant with the argument (:variant=L/16).
-  model = model_config(args.variant, mask_ratio=0.75, norm_pix_loss=True, decoder_width=512,
-                       decoder_depth=8, decoder_num_heads=16, dtype="bfloat16")
-  config.model = ml_collections.ConfigDict(model.to_dict())
+  config.eval_only = False  # True: evaluate the restored / init_from state, do not train
 
   config.input = ml_collections.ConfigDict()
-  config.input.dataset = "imagenet2012"  # any tfds name, or 'folder' / 'demo'
+  config.input.dataset = "imagenet2012"  # any tfds name, or 'folder' / 'demo' / 'digits'
   config.input.data_dir = ml_collections.config_dict.placeholder(str)  # tfds data_dir or root
   config.input.split = "train"
-  config.input.eval_split = "validation"  # images for the reconstruction grids
+  config.input.eval_split = "validation"
   config.input.crop_scale = (0.2, 1.0)  # RandomResizedCrop, bicubic
   config.input.crop_ratio = (3 / 4, 4 / 3)
   config.input.hflip = True
@@ -52,19 +48,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.worker_count = 16  # grain decoding processes per host
   config.input.worker_buffer_size = 2
 
-  # Optimisation (paper Table 8): AdamW, lr = base_lr * batch / 256, warmup + cosine.
-  config.batch_size = 4096  # global, over all hosts and accumulation steps
+  # lr = base_lr * batch / 256, per-step warmup then cosine.
+  config.batch_size = batch_size  # global, over all hosts and accumulation steps
   config.grad_accum_steps = 1
-  config.epochs = args.epochs
-  config.warmup_epochs = 40
+  config.epochs = epochs
+  config.warmup_epochs = warmup_epochs
   config.total_steps = -1  # > 0 overrides epochs
   config.warmup_steps = -1  # >= 0 overrides warmup_epochs
   config.stop_at_step = -1  # > 0: stop early with a checkpoint (e.g. job time limits)
-  config.base_lr = 1.5e-4
+  config.base_lr = base_lr
   config.lr = -1.0  # > 0 sets the absolute peak lr instead of the scaling rule
-  config.weight_decay = 0.05
-  config.b1 = 0.9
-  config.b2 = 0.95
 
   # Parallelism: data parallel over all devices; fsdp > 1 also shards params/optimizer.
   config.fsdp = 1
@@ -73,9 +66,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
-
   # Evaluators (mae_jax/evals): each runs every `every_steps` steps and at the end.
   config.evals = ml_collections.ConfigDict()
+  return config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = parse_arg(arg, variant="B/16", epochs=800)
+  config = run_config("pretrain", epochs=args.epochs, warmup_epochs=40, batch_size=4096,
+                      base_lr=1.5e-4)
+  # The model: every ModelConfig field of the variant, so each is overridable
+  # (--config.model.mask_ratio=0.5); pick the variant with the argument (:variant=L/16).
+  model = model_config(args.variant, mask_ratio=0.75, norm_pix_loss=True, decoder_width=512,
+                       decoder_depth=8, decoder_num_heads=16, dtype="bfloat16")
+  config.model = ml_collections.ConfigDict(model.to_dict())
+  # Optimisation (paper Table 8): AdamW (0.9, 0.95), weight decay 0.05.
+  config.weight_decay = 0.05
+  config.b1 = 0.9
+  config.b2 = 0.95
   config.evals.reconstruction = dict(type="reconstruction", num_images=8,
                                      every_steps=20 * 312)  # ~every 20 epochs at batch 4096
   return config.lock()

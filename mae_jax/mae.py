@@ -143,6 +143,14 @@ def _init(rng: jax.Array, config: ModelConfig) -> Params:
   return {"encoder": encoder, "decoder": decoder}
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
+def init_encoder_params(config: ViTConfig, rng: jax.Array) -> Params:
+  """A freshly initialised encoder alone (as in `init_params`), for classifiers."""
+  patches = jnp.zeros((1, config.num_patches, config.patch_dim))
+  positions = jnp.arange(config.num_patches)[None]
+  return Encoder(config).init(rng, patches, positions)["params"]
+
+
 def init_params(config: ModelConfig, rng: jax.Array) -> Params:
   """The parameter pytree {'encoder', 'decoder'} with the reference's initialisation.
 

@@ -1,7 +1,9 @@
-"""The paper's optimiser: AdamW (0.9, 0.95), lr = base_lr * batch / 256, warmup + cosine."""
+"""The recipes' optimisers: AdamW (pretraining), LARS (linear probe); lr = base_lr * batch /
+256, per-step warmup then cosine."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -35,3 +37,34 @@ def weight_decay_mask(params):
 def make_optimizer(schedule: optax.Schedule, *, weight_decay: float, b1: float, b2: float
                    ) -> optax.GradientTransformation:
   return optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=weight_decay_mask)
+
+
+def lars_direction(weight_decay: float, trust_coefficient: float
+                   ) -> optax.GradientTransformation:
+  """The reference LARS's per-parameter direction (main_linprobe.py's util/lars.py).
+
+  For parameters with 2+ dims: d = g + wd * p, scaled by trust * |p| / |d| (by 1 where
+  either norm is 0). 1-D parameters (biases, norms) keep their gradient: neither weight
+  decay nor trust scaling.
+  """
+  def update(grads, state, params):
+    def direction(g, p):
+      if p.ndim <= 1:
+        return g
+      d = g + weight_decay * p
+      p_norm, d_norm = jnp.linalg.norm(p), jnp.linalg.norm(d)
+      ratio = jnp.where((p_norm > 0) & (d_norm > 0), trust_coefficient * p_norm / d_norm, 1.0)
+      return d * ratio
+    return jax.tree.map(direction, grads, params), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def lars(schedule: optax.Schedule, *, momentum: float = 0.9, trust_coefficient: float = 0.001,
+         weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """LARS as the reference applies it: mu = momentum * mu + d; p -= lr * mu.
+
+  The lr multiplies the momentum buffer (optax.lars applies it before its momentum trace,
+  which differs whenever the lr changes, i.e. during warmup and cosine decay).
+  """
+  return optax.chain(lars_direction(weight_decay, trust_coefficient), optax.trace(momentum),
+                     optax.scale_by_learning_rate(schedule))

@@ -1,11 +1,22 @@
-"""Reconstruction grids: original | masked | reconstruction | reconstruction + visible."""
+"""Reconstruction grids: original | masked | reconstruction | reconstruction + visible.
+
+Also a command: `python -m mae_jax.visualize SRC OUT.png --images DIR` (or `--dataset`).
+"""
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import os
+import pickle
+import sys
+
+import jax
 import numpy as np
 from PIL import Image
 
 from mae_jax.config import ModelConfig
-from mae_jax.mae import MAEOutput
+from mae_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mae_jax.mae import MAEOutput, mae_apply
 from mae_jax.patches import patchify, unpatchify
 
 
@@ -48,3 +59,78 @@ def grid_image(panels: np.ndarray, pad: int = 2) -> np.ndarray:
 
 def save_png(path: str, image: np.ndarray) -> None:
   Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(path)
+
+
+def load_images(folder: str, image_size: int, num_images: int, mean: tuple[float, ...],
+                std: tuple[float, ...]) -> np.ndarray:
+  """The first `num_images` image files of `folder` (sorted by name), as the evaluation
+  view: shorter side resized to `image_size` (bicubic), centre crop, normalised."""
+  from mae_jax.data import sources, transforms
+  names = sorted(n for n in os.listdir(folder) if n.lower().endswith(sources.IMAGE_EXTENSIONS))
+  if not names:
+    raise FileNotFoundError(f"{folder} holds no image files ({', '.join(sources.IMAGE_EXTENSIONS)})")
+  crop, normalize = transforms.ResizeCenterCrop(image_size), transforms.Normalize(mean, std)
+  images = []
+  for name in names[:num_images]:
+    with open(os.path.join(folder, name), "rb") as f:
+      image = transforms.decode_rgb(f.read())
+    images.append(normalize.map(crop.map({"image": image}))["image"])
+  return np.stack(images)
+
+
+def main(argv: list[str] | None = None) -> int:
+  """`python -m mae_jax.visualize SRC OUT.png`: a reconstruction grid of SRC's MAE."""
+  parser = argparse.ArgumentParser(
+      prog="python -m mae_jax.visualize",
+      description="Write a PNG grid (original | masked | reconstruction | reconstruction with "
+                  "the visible patches pasted back) of an MAE's reconstructions.")
+  parser.add_argument("src", help="an mae_jax workdir or params checkpoint, an official .pth "
+                                  "with decoder, or a Hugging Face ViTMAE directory")
+  parser.add_argument("out", help="PNG to write (never overwritten)")
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--images", help="a folder of image files")
+  source.add_argument("--dataset", help="a dataset as in config.input.dataset (tfds name, "
+                                        "'folder', 'demo', 'digits')")
+  parser.add_argument("--split", help="the dataset's split (default: its evaluation split)")
+  parser.add_argument("--data_dir", help="the dataset's data_dir (tfds) or root (folder)")
+  parser.add_argument("--num_images", type=int, default=8)
+  parser.add_argument("--mask_ratio", type=float, help="default: the model's own")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the masks")
+  parser.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN)
+  parser.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD)
+  args = parser.parse_args(argv)
+  try:
+    if os.path.exists(args.out):
+      raise FileExistsError(f"{args.out} exists; refusing to overwrite it")
+    if args.num_images < 1:
+      raise ValueError(f"--num_images must be >= 1, got {args.num_images}")
+    from mae_jax.convert import load_pretrained
+    params, config = load_pretrained(args.src)
+    if "decoder" not in params:
+      raise ValueError(f"{args.src} holds no decoder (an encoder-only checkpoint): it cannot "
+                       "reconstruct")
+    if args.mask_ratio is not None:
+      config = dataclasses.replace(config, mask_ratio=args.mask_ratio)
+    mean, std = tuple(args.mean), tuple(args.std)
+    if args.images:
+      images = load_images(args.images, config.image_size, args.num_images, mean, std)
+    else:
+      from mae_jax.data import pipeline
+      input_config = dict(dataset=args.dataset, data_dir=args.data_dir, eval_split=args.split,
+                          mean=mean, std=std)
+      images = pipeline.make_eval_batch(argparse.Namespace(**input_config),
+                                        image_size=config.image_size,
+                                        num_images=args.num_images)
+  except (ValueError, FileNotFoundError, FileExistsError, pickle.UnpicklingError) as e:
+    parser.exit(1, f"error: {e}\n")
+  noise = jax.random.uniform(jax.random.key(args.seed), (len(images), config.num_patches))
+  out = mae_apply(params, images, config=config, noise=noise)
+  grid = grid_image(reconstruction_panels(images, jax.device_get(out), config, mean, std))
+  save_png(args.out, grid)
+  print(f"wrote {args.out}: {len(images)} images, mask ratio {config.mask_ratio}, "
+        f"{grid.shape[1]}x{grid.shape[0]} px")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -18,7 +18,6 @@ import pytest
 from configs import base, demo
 from mae_jax import mae_apply, optim, sharding
 from mae_jax.checkpointing import load_params
-from mae_jax.data import demo as demo_data
 from mae_jax.data import pipeline
 from mae_jax.tasks.pretrain import PretrainTask, model_config_from
 from mae_jax.trainer import (abstract_state, create_state, make_train_step, plan_run,
@@ -34,13 +33,6 @@ OVERRIDES = {
     "evals.reconstruction.num_images": 2,
 }
 NO_RECON = {"evals.reconstruction.every_steps": -1}
-
-
-@pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("demo_cache"))
-  demo_data.build_demo(path)
-  return path
 
 
 def config_with(demo_dir, **extra):

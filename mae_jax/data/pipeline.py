@@ -7,12 +7,13 @@ the hosts' batches into one global `jax.Array`. The loader is grain's
 (`get_state` / `set_state`, or grain's Orbax handler) resumes exactly.
 
 `input_config` fields (attributes; all but `dataset` optional):
-  dataset: 'demo', 'folder', or a tfds name ('imagenet2012', 'cifar10', ...).
+  dataset: 'demo', 'digits' (scikit-learn's, splits 'train'/'test'), 'folder',
+    or a tfds name ('imagenet2012', 'cifar10', ...).
   data_dir: tfds data_dir; image-folder root for 'folder'; demo cache for
     'demo'. Default None (tfds default dir, demo in ~/.cache/mae_jax/demo).
   split: training split. Default 'train'.
-  eval_split: split for `make_eval_batch`. Default 'validation' for tfds,
-    'val' for folders and the demo.
+  eval_split: split for evaluation (`make_eval_loader`, `make_eval_batch`).
+    Default 'validation' for tfds, 'val' for folders and the demo, 'test' for digits.
   crop_scale, crop_ratio: RandomResizedCrop ranges. Default (0.2, 1.0) and
     (3/4, 4/3), the MAE recipe.
   hflip: random horizontal flip. Default True.
@@ -23,6 +24,7 @@ the hosts' batches into one global `jax.Array`. The loader is grain's
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from absl import flags
@@ -58,6 +60,8 @@ def make_source(input_config: Any,
   data_dir = _field(input_config, "data_dir")
   if dataset == "demo":
     return sources.demo_source(split, cache_dir=data_dir)
+  if dataset == "digits":
+    return sources.DigitsSource(split)
   if dataset == "folder":
     if not data_dir:
       raise ValueError("dataset='folder' needs input_config.data_dir, the "
@@ -132,6 +136,111 @@ def make_train_loader(
   )
 
 
+def eval_split(input_config: Any) -> str:
+  """The configured evaluation split, or the dataset's usual one."""
+  split = _field(input_config, "eval_split")
+  if split is not None:
+    return split
+  return {"demo": "val", "folder": "val", "digits": "test"}.get(input_config.dataset,
+                                                                 "validation")
+
+
+def eval_resize(image_size: int, crop_fraction: float = 0.875) -> int:
+  """The shorter side before the centre crop: 256 for 224, scaled for other sizes."""
+  return int(image_size / crop_fraction)
+
+
+class _PaddedShard:
+  """This host's records of a split, padded with placeholders to a whole number of batches.
+
+  Record i of the shard is `source[indices[i]]`, or a placeholder (index -1) that the eval
+  transforms turn into a zero image with `valid` 0.
+  """
+
+  def __init__(self, source: Any, indices: np.ndarray):
+    self.source, self.indices = source, indices
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    index = int(self.indices[i])
+    return {"image": None, "label": 0} if index < 0 else self.source[index]
+
+  def __repr__(self) -> str:
+    return f"_PaddedShard({self.source!r}, {len(self.indices)} records)"
+
+
+def shard_indices(num_records: int, per_host_batch: int, process_index: int,
+                  process_count: int) -> np.ndarray:
+  """Host `process_index`'s record indices: a contiguous block of ceil(N / hosts), padded
+  with -1 to a multiple of the per-host batch, so every host runs the same number of batches
+  and every record is in exactly one host's block."""
+  per_host = -(-num_records // process_count)
+  per_host_padded = -(-per_host // per_host_batch) * per_host_batch
+  start = process_index * per_host
+  block = np.arange(start, min(start + per_host, num_records))
+  return np.concatenate([block, -np.ones(per_host_padded - len(block), np.int64)])
+
+
+@dataclasses.dataclass
+class _EvalView(grain.transforms.Map):
+  """Decode -> resize shorter side -> centre crop -> normalise, with a `valid` flag that is
+  0 for padding and for undecodable images (which are logged and not counted)."""
+
+  image_size: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    label = np.int32(element.get("label", -1))
+    if element["image"] is not None:
+      decoded = transforms.DecodeImage().map(element)["image"]
+      if decoded is not None:
+        image = transforms.ResizeCenterCrop(self.image_size, eval_resize(self.image_size)).map(
+            {"image": decoded})["image"]
+        image = transforms.Normalize(self.mean, self.std).map({"image": image})["image"]
+        return {"image": image, "label": label, "valid": np.int32(1)}
+    zeros = np.zeros((self.image_size, self.image_size, 3), np.float32)
+    return {"image": zeros, "label": label, "valid": np.int32(0)}
+
+
+def make_eval_loader(input_config: Any, split: str, *, image_size: int,
+                     global_batch_size: int, process_index: int | None = None,
+                     process_count: int | None = None, source: Any = None
+                     ) -> grain.DataLoader:
+  """One deterministic pass over `split`: every record exactly once over all hosts.
+
+  The evaluation view of the reference: resize the shorter side to image_size / 0.875
+  (256 for 224, bicubic), centre crop image_size. Batches are {'image' [B, H, W, 3] float32,
+  'label' [B] int32 (-1 without labels), 'valid' [B] int32} with B = global batch / hosts;
+  the last batches are padded with `valid` 0, so count only valid rows.
+  """
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  if global_batch_size % process_count:
+    raise ValueError(f"evaluation batch {global_batch_size} is not divisible by the process "
+                     f"count {process_count}")
+  per_host_batch = global_batch_size // process_count
+  if source is None:
+    source = make_source(input_config, split)
+  shard = _PaddedShard(source, shard_indices(len(source), per_host_batch, process_index,
+                                             process_count))
+  worker_count = _field(input_config, "worker_count")
+  if worker_count and not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # see make_train_loader
+  return grain.DataLoader(
+      data_source=shard,
+      sampler=grain.samplers.SequentialSampler(len(shard), grain.sharding.NoSharding()),
+      operations=[_EvalView(image_size, tuple(_field(input_config, "mean")),
+                            tuple(_field(input_config, "std"))),
+                  grain.transforms.Batch(per_host_batch, drop_remainder=False)],
+      worker_count=worker_count,
+      worker_buffer_size=_field(input_config, "worker_buffer_size"))
+
+
 def make_eval_batch(input_config: Any, *, image_size: int,
                     num_images: int) -> np.ndarray:
   """A fixed float32 [num_images, image_size, image_size, 3] normalised batch.
@@ -140,9 +249,7 @@ def make_eval_batch(input_config: Any, *, image_size: int,
   sorted by class, show several classes), resized on the shorter side and
   centre-cropped; undecodable ones are replaced by later records.
   """
-  split = _field(input_config, "eval_split")
-  if split is None:
-    split = "val" if input_config.dataset in ("demo", "folder") else "validation"
+  split = eval_split(input_config)
   source = make_source(input_config, split)
   stride = max(1, len(source) // num_images)
   order = [*range(0, len(source), stride),

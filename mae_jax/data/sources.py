@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 import grain
+import numpy as np
 import tensorflow_datasets as tfds
 
 from mae_jax.data import demo
@@ -96,6 +97,11 @@ def tfds_source(name: str, split: str,
         f"installed, reading does not): tfds build {name} "
         f"--data_dir={builder.data_dir_root}{manual} "
         "--file_format=array_record")
+  try:
+    builder.info.splits[split]  # also accepts slices such as 'train[:10%]'
+  except (KeyError, ValueError):
+    raise ValueError(f"tfds dataset {name!r} has no split {split!r}; splits: "
+                     f"{sorted(builder.info.splits)}") from None
   if "image" not in builder.info.features:
     raise ValueError(f"tfds dataset {name!r} has no `image` feature; "
                      f"features: {list(builder.info.features)}")
@@ -109,3 +115,55 @@ def demo_source(split: str = "train",
                 cache_dir: str | None = None) -> ImageFolderSource:
   """The bundled demo photographs (built once offline), split 'train' or 'val'."""
   return folder_source(demo.build_demo(cache_dir), split)
+
+
+# scikit-learn's handwritten digits: 1797 real 8x8 grayscale scans, 10 classes, shipped in its
+# wheel. A fixed split: a seeded permutation, the first 360 (20%) for testing.
+DIGITS_TEST = 360
+
+
+class DigitsSource:
+  """scikit-learn's digits as uint8 [8, 8] images (0..16 rescaled to 0..255) with labels."""
+
+  num_classes = 10
+
+  def __init__(self, split: str):
+    if split not in ("train", "test"):
+      raise ValueError(f"dataset 'digits' has splits 'train' and 'test', not {split!r}")
+    import sklearn.datasets  # only for this dataset
+    digits = sklearn.datasets.load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.target))
+    order = order[:DIGITS_TEST] if split == "test" else order[DIGITS_TEST:]
+    self.images = np.round(digits.images[order] * (255 / 16)).astype(np.uint8)  # [N, 8, 8]
+    self.labels = digits.target[order].astype(np.int32)
+    self._repr = f"DigitsSource(split={split!r}, num_records={len(order)})"
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return {"image": self.images[index], "label": self.labels[index]}
+
+  def __repr__(self) -> str:
+    return self._repr
+
+
+def class_count(source: Any) -> int | None:
+  """The number of label classes of a source, or None when its records carry no label."""
+  if isinstance(source, ImageFolderSource):
+    return len(source.classes)
+  if isinstance(source, DigitsSource):
+    return source.num_classes
+  info = getattr(source, "dataset_info", None)  # a tfds data source
+  if info is None or "label" not in info.features.keys():
+    return None
+  return getattr(info.features["label"], "num_classes", None)
+
+
+def check_num_classes(num_classes: int, source: Any, what: str) -> None:
+  """A classification task needs labels, and as many classes as the dataset has."""
+  found = class_count(source)
+  if found is None:
+    raise ValueError(f"{what} ({source!r}) has no labels; a classification task needs them")
+  if found != num_classes:
+    raise ValueError(f"config.num_classes is {num_classes} but {what} has {found} classes")

@@ -176,25 +176,28 @@ class RandomHorizontalFlip(grain.transforms.RandomMap):
 
 @dataclasses.dataclass
 class ResizeCenterCrop(grain.transforms.Map):
-  """Evaluation view: shorter side to `image_size`, then centre square crop.
+  """Evaluation view: shorter side to `resize` (default `image_size`), then a centre
+  `image_size` square crop.
 
   Sizes and offsets follow torchvision's Resize(int) and CenterCrop.
   """
 
   image_size: int
+  resize: int | None = None
 
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
     image = element["image"]
     height, width = image.shape[:2]
-    size = self.image_size
+    size = self.resize or self.image_size
     if height <= width:
       new_h, new_w = size, int(size * width / height)
     else:
       new_h, new_w = int(size * height / width), size
     image = _resize(image, (new_w, new_h))
-    top = int(round((new_h - size) / 2))
-    left = int(round((new_w - size) / 2))
-    return {**element, "image": image[top:top + size, left:left + size]}
+    crop = self.image_size
+    top = int(round((new_h - crop) / 2))
+    left = int(round((new_w - crop) / 2))
+    return {**element, "image": image[top:top + crop, left:left + crop]}
 
 
 @dataclasses.dataclass

@@ -15,6 +15,8 @@ from typing import Any, Protocol
 import ml_collections
 from jax.sharding import Mesh
 
+from mae_jax.evals.classification import ClassificationEvaluator
+from mae_jax.evals.knn import KnnEvaluator
 from mae_jax.evals.reconstruction import ReconstructionEvaluator
 from mae_jax.metrics import MetricWriter
 
@@ -28,7 +30,8 @@ class Evaluator(Protocol):
     """Evaluates the train state; returns scalars (the loop logs them as `name/key`)."""
 
 
-TYPES = {"reconstruction": ReconstructionEvaluator}
+TYPES = {"reconstruction": ReconstructionEvaluator, "knn": KnnEvaluator,
+         "classification": ClassificationEvaluator}
 
 
 def make_evaluators(config: ml_collections.ConfigDict, task, mesh: Mesh) -> list[Evaluator]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 import ml_collections
 
 from mae_jax.tasks.base import Aux, Task
+from mae_jax.tasks.linear_probe import LinearProbeTask
 from mae_jax.tasks.pretrain import PretrainTask
 
-TASKS: dict[str, type[Task]] = {"pretrain": PretrainTask}
+TASKS: dict[str, type[Task]] = {"pretrain": PretrainTask, "linear_probe": LinearProbeTask}
 
 
 def make_task(config: ml_collections.ConfigDict) -> Task:

@@ -6,6 +6,7 @@
   WORKDIR/metrics.jsonl         the same scalars, one JSON object per log step
   WORKDIR/config.json           the full run config
   WORKDIR/results.json          the evaluators' scalars at the last step (when there are any)
+With `config.eval_only`, the state (restored, or from `init_from`) is only evaluated.
 and whatever its evaluators write (e.g. reconstructions/). Every check on the config, the
 devices, the data and `init_from` happens before anything is compiled or written.
 """
@@ -134,6 +135,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   results = {}
   try:
     step = first_step = int(state["step"])
+    if config.get("eval_only"):
+      log.info("evaluating %s at step %d (eval_only)", task.name, step)
+      results = run_evaluators(evaluators, state, step, workdir, writer)
+      write_results(workdir, step, results)
+      return state
     log.info("training %s %s from step %d to %d (%d steps/epoch, peak lr %.3g)",
              task.name, task.model_dict(), step, plan.stop_step, plan.steps_per_epoch,
              plan.peak_lr)
@@ -163,13 +169,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
           metrics_lib.log_progress(step, plan.total_steps, values)
         values.update(epoch=step / plan.steps_per_epoch, data_skipped=skipped)
         writer.scalars(step, values)
-      for evaluator in evaluators:
-        if every(step, evaluator.every_steps) or step == plan.stop_step:
-          out = evaluator.run(state, step, workdir, writer)
-          if out:
-            out = {f"{evaluator.name}/{k}": v for k, v in out.items()}
-            writer.scalars(step, out)
-            results.update(out)
+      due = [e for e in evaluators if every(step, e.every_steps) or step == plan.stop_step]
+      results.update(run_evaluators(due, state, step, workdir, writer))
       preempted = preemption.reached(step)
       if (preempted or every(step, config.checkpoint_every_steps)
           or step == plan.stop_step):
@@ -180,14 +181,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
       if preempted:
         log.warning("preempted (SIGTERM): saved step %d, exiting", step)
         break
-    if results and is_main and step == plan.stop_step:
-      with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump({"step": step, **results}, f, indent=2)
+    if step == plan.stop_step:
+      write_results(workdir, step, results)
   finally:
     preemption.close()
     writer.close()
     ckpt.close()
   return state
+
+
+def run_evaluators(evaluators: list[evals.Evaluator], state: State, step: int, workdir: str,
+                   writer: metrics_lib.MetricWriter) -> dict[str, float]:
+  """Runs each evaluator, logs and writes its scalars as `name/key`; returns them all."""
+  results = {}
+  for evaluator in evaluators:
+    out = {f"{evaluator.name}/{k}": v
+           for k, v in evaluator.run(state, step, workdir, writer).items()}
+    if out:
+      log.info("step %d %s", step, " ".join(f"{k} {v:.4g}" for k, v in out.items()))
+      writer.scalars(step, out)
+      results.update(out)
+  return results
+
+
+def write_results(workdir: str, step: int, results: dict[str, float]) -> None:
+  """Process 0 writes the final evaluation scalars to WORKDIR/results.json."""
+  if results and jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump({"step": step, **results}, f, indent=2)
 
 
 def start_from(task: tasks.Task, tx, state: State, loaded, shardings) -> State:

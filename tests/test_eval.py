@@ -1,0 +1,282 @@
+"""Evaluation: restoring checkpoints into a frozen-encoder task, the evaluation loader, LARS,
+kNN, the linear probe through the trainer, `visualize`, and errors before any write."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from PIL import Image
+
+from configs import digits, linear_probe
+from mae_jax import encode, optim
+from mae_jax.checkpointing import TrainCheckpointer, load_params
+from mae_jax.data import pipeline, sources
+from mae_jax.evals.common import accuracies, topk_correct
+from mae_jax.evals.knn import knn_scores
+from mae_jax.mae import features
+from mae_jax.tasks import make_task
+from mae_jax.trainer import abstract_state, train_and_evaluate
+
+from test_train import config_with
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The encoder of test_train's tiny demo MAE, as a ViTConfig.
+ENCODER = dict(image_size=32, patch_size=8, channels=3, width=64, depth=2, num_heads=4,
+               mlp_ratio=4.0, layer_norm_eps=1e-6, dtype="float32")
+
+
+def set_fields(config, **fields):
+  config = config.unlock()
+  for key, value in fields.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config.lock()
+
+
+def probe_config(demo_dir, init_from, **extra):
+  """A linear probe of the tiny demo encoder on the demo photographs (8 classes)."""
+  config = linear_probe.get_config().unlock()
+  config.model.update(**ENCODER)
+  config.input.update(dataset="demo", data_dir=demo_dir, eval_split="val", worker_count=0)
+  config.evals.classification.update(every_steps=0, batch_size=32)
+  return set_fields(config.lock(), **{
+      "num_classes": 8, "init_from": init_from, "batch_size": 16, "total_steps": 4,
+      "warmup_steps": 1, "log_every_steps": 2, "checkpoint_every_steps": 2, **extra})
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, demo_dir):
+  """A demo pretraining workdir (tiny MAE, 2 steps)."""
+  workdir = str(tmp_path_factory.mktemp("pretrained"))
+  train_and_evaluate(config_with(demo_dir, stop_at_step=2), workdir)
+  return workdir
+
+
+def test_linear_probe_keeps_the_restored_encoder_frozen(tmp_path, demo_dir, pretrained):
+  workdir = str(tmp_path / "probe")
+  state = train_and_evaluate(probe_config(demo_dir, pretrained), workdir)
+  params, model = load_params(pretrained)
+  encoder = state["model_state"]["encoder"]
+  # The probe's encoder is the checkpoint's, bitwise, after 4 training steps ...
+  for a, b in zip(jax.tree.leaves(encoder), jax.tree.leaves(params["encoder"])):
+    np.testing.assert_array_equal(a, b)
+  # ... and only the head has optimizer state (LARS momentum: one leaf per head parameter,
+  # besides the schedule's step count).
+  head_shapes = [x.shape for x in jax.tree.leaves(state["params"])]
+  opt_shapes = [x.shape for x in jax.tree.leaves(state["opt_state"]) if x.ndim]
+  assert sorted(opt_shapes) == sorted(head_shapes)
+  assert set(state["params"]) == {"head"}
+  # Its features are the restored encoder's cls token after the final norm.
+  images = jax.random.normal(jax.random.key(3), (4, 32, 32, 3))
+  task = make_task(probe_config(demo_dir, pretrained))
+  got = task.features(state["params"], state["model_state"], images)
+  np.testing.assert_allclose(got, encode(params["encoder"], images, config=model)[:, 0],
+                             rtol=1e-6, atol=1e-6)
+  results = json.load(open(os.path.join(workdir, "results.json")))
+  assert results["step"] == 4 and results["classification/count"] == 32
+  assert 0 <= results["classification/top1"] <= results["classification/top5"] <= 1
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert "accuracy" in rows[0] and rows[-1]["classification/top1"] == results[
+      "classification/top1"]
+
+
+def test_avg_pool_is_the_normalised_mean_of_the_patch_tokens():
+  from mae_jax.config import ViTConfig
+  from mae_jax.mae import init_encoder_params
+  from mae_jax.models import Encoder
+  from mae_jax.patches import patchify
+  config = ViTConfig(**ENCODER)
+  params = init_encoder_params(config, jax.random.key(0))
+  images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+  # The last block's tokens (before the final norm), then mean over patches and a
+  # LayerNorm without scale or offset, by hand.
+  patches = patchify(images, 8)
+  tokens = Encoder(config, final_norm=False).apply(
+      {"params": params}, patches, jnp.broadcast_to(jnp.arange(16), (3, 16)))
+  pooled = np.asarray(tokens)[:, 1:].mean(1)
+  want = (pooled - pooled.mean(-1, keepdims=True)) / np.sqrt(pooled.var(-1, keepdims=True)
+                                                            + 1e-6)
+  np.testing.assert_allclose(features(params, images, config, "avg"), want, rtol=1e-5,
+                             atol=1e-5)
+  with pytest.raises(ValueError, match="pool must be one of"):
+    features(params, images, config, "max")
+
+
+def _folder(root, n):
+  """n images whose constant value identifies them, in 3 classes."""
+  for i in range(n):
+    d = root / "val" / f"c{i % 3}"
+    d.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (20 + i, 24), (10 * (i + 1),) * 3).save(d / f"{i:02d}.png")
+
+
+def test_eval_loader_over_two_hosts_sees_every_example_once(tmp_path):
+  _folder(tmp_path, 13)
+  config = ml_collections.ConfigDict(dict(dataset="folder", data_dir=str(tmp_path),
+                                          mean=(0.0,) * 3, std=(1.0,) * 3))
+  source = pipeline.make_source(config, "val")
+  seen, valid_rows, scores, labels, valid = [], 0, [], [], []
+  for host in range(2):  # 13 records, global batch 4: 7 and 6 records padded to 8 each
+    batches = list(pipeline.make_eval_loader(config, "val", image_size=16, global_batch_size=4,
+                                             process_index=host, process_count=2))
+    assert len(batches) == 4 and all(b["image"].shape == (2, 16, 16, 3) for b in batches)
+    for b in batches:
+      ids = np.round(b["image"][:, 8, 8, 0] * 25.5).astype(int) - 1  # value 10 (i + 1)
+      seen += list(ids[b["valid"] == 1])
+      valid_rows += int(b["valid"].sum())
+      # A fixed "classifier": scores favour class (id % 2), so some predictions are right.
+      s = np.zeros((2, 3), np.float32)
+      s[np.arange(2), ids % 2] = 1
+      scores.append(s), labels.append(b["label"]), valid.append(b["valid"])
+  assert sorted(seen) == list(range(13)) and valid_rows == 13
+  # The reported accuracy equals a plain count over the 13 records.
+  got = accuracies(jax.device_get(topk_correct(jnp.asarray(np.concatenate(scores)),
+                                               jnp.asarray(np.concatenate(labels)),
+                                               jnp.asarray(np.concatenate(valid)))))
+  want = np.mean([(i % 2) == source.labels[source.paths.index(f"c{i % 3}/{i:02d}.png")]
+                  for i in range(13)])
+  assert got["count"] == 13 and got["top1"] == pytest.approx(want)
+  assert got["top5"] == 1.0  # three classes: every label is in the top 5
+
+
+def numpy_lars(params, grads_seq, lrs, momentum=0.9, trust=0.001, wd=0.0):
+  """The reference's LARS (util/lars.py), written out in numpy."""
+  params = {k: np.array(v, np.float64) for k, v in params.items()}
+  mu = {k: np.zeros_like(v) for k, v in params.items()}
+  for grads, lr in zip(grads_seq, lrs):
+    for k, p in params.items():
+      d = np.array(grads[k], np.float64)
+      if p.ndim > 1:
+        d = d + wd * p
+        pn, dn = np.linalg.norm(p), np.linalg.norm(d)
+        d = d * (trust * pn / dn if pn > 0 and dn > 0 else 1.0)
+      mu[k] = momentum * mu[k] + d
+      params[k] = p - lr * mu[k]
+  return params
+
+
+def test_lars_matches_the_reference_under_a_changing_lr():
+  rng = np.random.default_rng(0)
+  params = {"kernel": rng.normal(size=(5, 3)).astype(np.float32),
+            "bias": rng.normal(size=(3,)).astype(np.float32),
+            "zero": np.zeros((2, 2), np.float32)}  # |p| = 0: ratio 1
+  grads_seq = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+               for _ in range(4)]
+  schedule = optim.lr_schedule(2.0, 2, 6)  # warmup then cosine: the lr changes every step
+  tx = optim.lars(schedule, momentum=0.9, trust_coefficient=0.001, weight_decay=0.05)
+  p = jax.tree.map(jnp.asarray, params)
+  state = tx.init(p)
+  for grads in grads_seq:
+    updates, state = tx.update(jax.tree.map(jnp.asarray, grads), state, p)
+    p = optax.apply_updates(p, updates)
+  want = numpy_lars(params, grads_seq, [float(schedule(i)) for i in range(4)], wd=0.05)
+  for k in params:
+    np.testing.assert_allclose(p[k], want[k], rtol=1e-5, atol=1e-7)
+  # The 1-D bias saw neither decay nor trust scaling: plain momentum SGD.
+  assert not np.allclose(want["bias"], params["bias"] - 2.0 * 1e-3 * grads_seq[0]["bias"])
+
+
+def test_knn_votes_by_hand():
+  bank = jnp.array([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6], [-1.0, 0.0], [5.0, 5.0]])
+  labels = jnp.array([0, 1, 1, 2, 0])
+  valid = jnp.array([1, 1, 1, 1, 0])  # the last row is padding: it never votes
+  query = jnp.array([[2.0, 0.0]])  # cosine similarities 1, 0, 0.8, -1
+  scores = knn_scores(query, bank, labels, valid, num_classes=3, k=2, temperature=0.5)
+  # Its 2 nearest: bank 0 (sim 1, class 0) and bank 2 (sim 0.8, class 1).
+  np.testing.assert_allclose(scores, [[np.exp(1 / 0.5), np.exp(0.8 / 0.5), 0.0]], rtol=1e-6)
+  scores = knn_scores(query, bank, labels, valid, num_classes=3, k=4, temperature=0.5)
+  np.testing.assert_allclose(scores, [[np.exp(2.0), np.exp(1.6) + np.exp(0.0), np.exp(-2.0)]],
+                             rtol=1e-6)
+
+
+def test_knn_evaluator_on_digits_with_a_random_encoder(tmp_path):
+  config = set_fields(digits.get_config("task=knn"), **{"init_from": "random",
+                                                         "evals.knn.batch_size": 120})
+  train_and_evaluate(config, str(tmp_path / "knn"))
+  results = json.load(open(tmp_path / "knn" / "results.json"))
+  assert results["knn/count"] == 360  # every test digit, once
+  assert 0.3 < results["knn/top1"] <= results["knn/top5"] <= 1.0  # random features: > chance
+
+
+@pytest.mark.parametrize("extra, error, match", [
+    ({"init_from": "/no/such/checkpoint"}, FileNotFoundError, "/no/such/checkpoint"),
+    ({"model.width": 128}, ValueError, r"another encoder.*'width': \(64, 128\)"),
+    ({"num_classes": 5}, ValueError, "num_classes is 5 but split 'train' has 8 classes"),
+    ({"evals.classification.split": "nope"}, FileNotFoundError, "nope"),
+    ({"init_from": None}, ValueError, "needs config.init_from"),
+])
+def test_bad_probe_input_fails_before_any_write(tmp_path, demo_dir, pretrained, extra, error,
+                                                match):
+  workdir = str(tmp_path / "probe")
+  config = probe_config(demo_dir, pretrained)
+  with pytest.raises(error, match=match):
+    train_and_evaluate(set_fields(config, **extra), workdir)
+  assert not os.path.exists(workdir)
+
+
+def test_digits_splits_and_missing_labels(tmp_path):
+  train, test = sources.DigitsSource("train"), sources.DigitsSource("test")
+  assert (len(train), len(test)) == (1437, 360)
+  assert sources.class_count(train) == 10
+  with pytest.raises(ValueError, match="splits 'train' and 'test'"):
+    sources.DigitsSource("validation")
+  from test_data import MaeJaxTestImages
+  import tensorflow_datasets as tfds
+
+  class Unlabelled(MaeJaxTestImages):
+    def _info(self):
+      features = tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(None, None,
+                                                                                 3))})
+      return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _generate_examples(self, n):
+      for i, example in super()._generate_examples(n):
+        yield i, {"image": example["image"]}
+
+  Unlabelled(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  source = sources.tfds_source("unlabelled", "train", str(tmp_path))
+  with pytest.raises(ValueError, match="has no labels"):
+    sources.check_num_classes(10, source, "split 'train'")
+  with pytest.raises(ValueError, match="no split 'test'"):
+    sources.tfds_source("unlabelled", "test", str(tmp_path))
+
+
+def test_visualize_writes_a_grid_from_a_workdir_and_an_official_file(tmp_path, pretrained):
+  images = tmp_path / "images"
+  images.mkdir()
+  for i in range(3):
+    Image.new("RGB", (40, 50 + i), (30 * i, 100, 200)).save(images / f"{i}.jpg")
+  out = str(tmp_path / "grid.png")
+  cmd = [sys.executable, "-m", "mae_jax.visualize"]
+  run = subprocess.run(cmd + [pretrained, out, "--images", str(images), "--mask_ratio", "0.5"],
+                       cwd=ROOT, capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr[-2000:]
+  # 3 rows of 4 panels of 32 px, 2 px apart: (3 * 34 + 2) x (4 * 34 + 2).
+  assert Image.open(out).size == (4 * 34 + 2, 3 * 34 + 2)
+  again = subprocess.run(cmd + [pretrained, out, "--images", str(images)], cwd=ROOT,
+                         capture_output=True, text=True)
+  assert again.returncode == 1 and "refusing to overwrite" in again.stderr
+  # An official-format .pth with decoder, as the reference writes it (a paper width, so
+  # that the architecture is inferred from the file alone).
+  import torch
+  import convert_fixtures as fx
+  model = fx.random_model(fx.hf_config(hidden_size=192, num_attention_heads=3,
+                                       intermediate_size=768, decoder_hidden_size=64,
+                                       decoder_num_attention_heads=16,
+                                       decoder_intermediate_size=256), seed=0)
+  pth = str(tmp_path / "official.pth")
+  torch.save({"model": fx.reference_state_dict(model)}, pth)
+  out2 = str(tmp_path / "official.png")
+  run = subprocess.run(cmd + [pth, out2, "--images", str(images), "--num_images", "2"],
+                       cwd=ROOT, capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert Image.open(out2).size == (4 * 34 + 2, 2 * 34 + 2)
