@@ -15,6 +15,7 @@ from configs import base, knn, linear_probe
 # The encoder every digits task shares: 16x16 views (the 8x8 scans upsampled), 4x4 patches.
 ENCODER = dict(image_size=16, patch_size=4, channels=3, width=64, depth=4, num_heads=4,
                mlp_ratio=4.0, layer_norm_eps=1e-6, dtype="float32")
+STEPS = {"pretrain": 1500, "linear_probe": 1000}  # knn trains nothing
 MEAN = (0.305,) * 3  # the digits' own pixel statistics (grayscale in three channels)
 STD = (0.376,) * 3
 
@@ -25,7 +26,8 @@ def _digits_input(config: ml_collections.ConfigDict) -> None:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = base.parse_arg(arg, task="pretrain", steps=1500)
+  args = base.parse_arg(arg, task="pretrain", steps=-1)
+  steps = args.steps if args.steps > 0 else STEPS.get(args.task, 1)
   if args.task == "pretrain":
     config = base.get_config().unlock()
     config.model.update(**ENCODER, decoder_width=64, decoder_depth=2, decoder_num_heads=4,
@@ -40,6 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.num_classes = 10
     if args.task == "linear_probe":
       config.evals.classification.update(every_steps=0, batch_size=256)
+      # LARS scales each step to trust x |W| x lr: at this batch of 128 (the reference's is
+      # 16384, lr 6.4) the head needs a large lr to move in 1000 steps.
+      config.base_lr = 400.0
     else:
       config.evals.knn.update(batch_size=256)
   else:
@@ -47,8 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      f"{args.task!r}")
   _digits_input(config)
   config.batch_size = 128
-  config.total_steps = args.steps
-  config.warmup_steps = args.steps // 20
+  config.total_steps = steps
+  config.warmup_steps = steps // 20
   config.log_every_steps = 100
   config.checkpoint_every_steps = 500
   return config.lock()

@@ -81,6 +81,13 @@ def test_linear_probe_keeps_the_restored_encoder_frozen(tmp_path, demo_dir, pret
   got = task.features(state["params"], state["model_state"], images)
   np.testing.assert_allclose(got, encode(params["encoder"], images, config=model)[:, 0],
                              rtol=1e-6, atol=1e-6)
+  # Stopped at step 2 and resumed, the probe ends bitwise where the uninterrupted one did
+  # (head, LARS momentum and the BatchNorm statistics in the model state).
+  resumed_dir = str(tmp_path / "resumed")
+  train_and_evaluate(probe_config(demo_dir, pretrained, stop_at_step=2), resumed_dir)
+  resumed = train_and_evaluate(probe_config(demo_dir, pretrained), resumed_dir)
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
   results = json.load(open(os.path.join(workdir, "results.json")))
   assert results["step"] == 4 and results["classification/count"] == 32
   assert 0 <= results["classification/top1"] <= results["classification/top5"] <= 1
@@ -198,13 +205,28 @@ def test_knn_votes_by_hand():
                              rtol=1e-6)
 
 
-def test_knn_evaluator_on_digits_with_a_random_encoder(tmp_path):
-  config = set_fields(digits.get_config("task=knn"), **{"init_from": "random",
-                                                         "evals.knn.batch_size": 120})
-  train_and_evaluate(config, str(tmp_path / "knn"))
-  results = json.load(open(tmp_path / "knn" / "results.json"))
-  assert results["knn/count"] == 360  # every test digit, once
-  assert 0.3 < results["knn/top1"] <= results["knn/top5"] <= 1.0  # random features: > chance
+def run_knn(tmp_path, name, init_from):
+  config = set_fields(digits.get_config("task=knn"), init_from=init_from)
+  train_and_evaluate(config, str(tmp_path / name))
+  return json.load(open(tmp_path / name / "results.json"))
+
+
+def test_pretraining_on_digits_beats_a_random_encoder(tmp_path):
+  """The README's digits claim at a smaller budget: after 600 steps of MAE pretraining the
+  encoder's kNN accuracy clearly beats the same encoder at its random init (measured here:
+  0.825 vs 0.747; 1500 steps, the documented run, reach 0.917)."""
+  config = set_fields(digits.get_config("steps=600"), **{
+      "evals.reconstruction.every_steps": -1, "evals.knn.every_steps": 0})
+  mae = str(tmp_path / "mae")
+  train_and_evaluate(config, mae)
+  pretrained = json.load(open(os.path.join(mae, "results.json")))
+  random = run_knn(tmp_path, "random", "random")
+  assert random["knn/count"] == pretrained["knn/count"] == 360  # every test digit, once
+  assert 0.3 < random["knn/top1"] <= random["knn/top5"]  # random features: above chance
+  assert pretrained["knn/top1"] > random["knn/top1"] + 0.04
+  # configs/knn.py on the restored workdir computes exactly what the evaluator did in training.
+  restored = run_knn(tmp_path, "restored", mae)
+  assert restored["knn/top1"] == pretrained["knn/top1"]
 
 
 @pytest.mark.parametrize("extra, error, match", [
@@ -243,9 +265,13 @@ def test_digits_splits_and_missing_labels(tmp_path):
         yield i, {"image": example["image"]}
 
   Unlabelled(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
-  source = sources.tfds_source("unlabelled", "train", str(tmp_path))
-  with pytest.raises(ValueError, match="has no labels"):
-    sources.check_num_classes(10, source, "split 'train'")
+  config = digits.get_config("task=linear_probe").unlock()
+  config.input.update(dataset="unlabelled", data_dir=str(tmp_path))
+  config.init_from = "random"
+  workdir = str(tmp_path / "probe")
+  with pytest.raises(ValueError, match="split 'train' .* has no labels"):
+    train_and_evaluate(config.lock(), workdir)
+  assert not os.path.exists(workdir)
   with pytest.raises(ValueError, match="no split 'test'"):
     sources.tfds_source("unlabelled", "test", str(tmp_path))
 
