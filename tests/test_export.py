@@ -5,6 +5,7 @@ exported end to end.
 import json
 import os
 import sys
+import zipfile
 
 import jax
 import numpy as np
@@ -167,6 +168,8 @@ def test_official_without_torch_is_the_same_file_format(params, tmp_path, monkey
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
   export.export(params, CONFIG, tmp_path / "no_torch.pth", "official")
   monkeypatch.undo()
+  with zipfile.ZipFile(tmp_path / "no_torch.pth") as z:  # torch.save names entries after the file
+    assert z.namelist()[0] == "archive/data.pkl"
   assert_trees_equal(load_pretrained(tmp_path / "no_torch.pth", CONFIG)[0], params)
   export.export(params, CONFIG, tmp_path / "torch.pth", "official")
   want = torch.load(tmp_path / "torch.pth", weights_only=True)["model"]

@@ -33,6 +33,7 @@ def edited_dir(hub_dir, path, text):
     ("layer_norm_eps", "x", "layer_norm_eps is 'x', not a positive number"),
     ("layer_norm_eps", -1e-6, "layer_norm_eps is -1e-06, not a positive number"),
     ("layer_norm_eps", math.nan, "layer_norm_eps is nan, not a positive number"),
+    ("layer_norm_eps", math.inf, "layer_norm_eps is inf, not a positive number"),
     ("layer_norm_eps", None, "layer_norm_eps is None, not a positive number"),
     ("num_hidden_layers", 3, "num_hidden_layers is 3 but the weights have 2"),
     ("num_hidden_layers", -2, "num_hidden_layers is -2, not a positive int"),
