@@ -93,7 +93,7 @@ def state_dict(params: Params, config: ModelConfig) -> StateDict:
       sd.update(_block(dec[f"decoder_blocks_{i}"], f"decoder_blocks.{i}"))
     sd.update({**_layer_norm(dec["decoder_norm"], "decoder_norm"),
                **_linear(dec["decoder_pred"], "decoder_pred")})
-  return {k: np.ascontiguousarray(v) for k, v in sd.items()}
+  return {k: np.array(v, np.float32, order="C") for k, v in sd.items()}  # own, writable copies
 
 
 # --- torch.save's zip layout, written without torch --------------------------------------------
@@ -161,7 +161,7 @@ def write_torch_zip(obj: Any, path: str) -> None:
 def save_official(sd: StateDict, path: str) -> None:
   """`{'model': state_dict}` as a .pth: torch.save when torch imports, else the same layout."""
   try:
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch  # optional: only to write with torch.save itself
   except ImportError:
     write_torch_zip({"model": sd}, path)
     return
@@ -220,14 +220,14 @@ def check_request(params: Params, config: ModelConfig, fmt: str, encoder_only: b
                      f"otherwise; use --format hf, whose config.json holds layer_norm_eps")
 
 
-def export(params: Params, config: ModelConfig, dst: str, fmt: str,
+def export(params: Params, config: ModelConfig, dst: str | os.PathLike[str], fmt: str,
            encoder_only: bool = False) -> None:
   """Writes `params` to `dst` in format `fmt` ('hf', 'timm' or 'official'); see the module doc.
 
   Checks first: DST must not exist and the format must hold the request. Files are written
   under a temporary name and renamed at the end, so a failed export leaves no DST behind.
   """
-  dst = os.fspath(dst)
+  dst = os.path.normpath(os.fspath(dst))
   if os.path.lexists(dst):
     raise FileExistsError(f"{dst} exists; refusing to overwrite it")
   check_request(params, config, fmt, encoder_only)
@@ -237,6 +237,7 @@ def export(params: Params, config: ModelConfig, dst: str, fmt: str,
   tmp = f"{dst}.export-tmp"
   if os.path.lexists(tmp):
     raise FileExistsError(f"{tmp} exists (left by an interrupted export?); remove it first")
+  os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
   if fmt == "official":
     save_official(sd, tmp)
   else:

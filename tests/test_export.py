@@ -18,9 +18,9 @@ import convert_fixtures as fx
 from mae_jax import encode, export, init_params, load_pretrained, mae_apply, unpatchify
 from mae_jax.config import model_config
 from mae_jax.data import pipeline
-from test_convert import IMAGES, NOISE, assert_trees_equal, rel_err, tiny_config
-from test_train import NO_RECON, config_with, demo_dir  # pylint: disable=unused-import
 from mae_jax.trainer import train_and_evaluate
+from test_convert import IMAGES, NOISE, assert_trees_equal, rel_err, tiny_config
+from test_train import NO_RECON, config_with, demo_dir  # demo_dir: the fixture
 
 
 def random_params(config, seed=0):
@@ -223,15 +223,15 @@ def test_demo_run_exports_to_transformers(tmp_path, demo_dir):
   workdir, dst = str(tmp_path / "run"), str(tmp_path / "hf")
   train_and_evaluate(config, workdir)
   assert export.main([workdir, dst, "--format", "hf"]) == 0
-  params, model_config_ = load_pretrained(workdir)
-  images = pipeline.make_eval_batch(config.input, image_size=model_config_.image_size,
+  params, mae_config = load_pretrained(workdir)
+  images = pipeline.make_eval_batch(config.input, image_size=mae_config.image_size,
                                     num_images=4)
-  noise = np.random.RandomState(1).rand(4, model_config_.num_patches).astype(np.float32)
-  want = mae_apply(params, images, config=model_config_, noise=noise)
+  noise = np.random.RandomState(1).rand(4, mae_config.num_patches).astype(np.float32)
+  want = mae_apply(params, images, config=mae_config, noise=noise)
   model = ViTMAEForPreTraining.from_pretrained(dst).eval()
   loss, logits, mask = fx.pretraining_outputs(model, images, noise)
   np.testing.assert_array_equal(np.asarray(want.mask), mask)
-  got_images = unpatchify(logits, model_config_.patch_size)  # [B, H, W, C]
-  err = rel_err(got_images, unpatchify(want.pred, model_config_.patch_size))
+  got_images = unpatchify(logits, mae_config.patch_size)  # [B, H, W, C]
+  err = rel_err(got_images, unpatchify(want.pred, mae_config.patch_size))
   print(f"reconstruction rel err {err:.2e}, loss {loss:.4f} vs {float(want.loss):.4f}")
   assert err < 1e-4 and abs(loss - float(want.loss)) < 1e-4 * abs(loss)
