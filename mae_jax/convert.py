@@ -7,7 +7,8 @@ Three sources, all ending as (params, ModelConfig):
     with the key names of the hub checkpoints or those `save_pretrained` of transformers 5.x
     writes),
   * mae_jax Orbax checkpoints (see `mae_jax.checkpointing`).
-Hugging Face names are first mapped to the reference's names, so one converter builds the params.
+Hugging Face names are first mapped to the reference's names (`mae_jax.hf_format`, whose
+table `mae_jax.export` applies the other way), so one converter builds the params.
 
 Pickled files (`.pth`, `.bin`) are read by a restricted unpickler that only rebuilds tensors (as
 read-only numpy arrays), dicts and argparse namespaces: no code from the file runs, no object
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import json
 import math
 import os
 import pickle
@@ -37,7 +37,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from mae_jax import checkpointing
+from mae_jax import checkpointing, hf_format
 from mae_jax.config import FIELDS, VARIANTS, ModelConfig, model_config
 from mae_jax.mae import Params
 from mae_jax.posemb import sincos_2d
@@ -233,59 +233,6 @@ def _read_state_dict(path: str) -> tuple[StateDict, dict[str, Any]]:
   return dict(obj), args
 
 
-# Hugging Face ViTMAE names -> reference names. Layer prefixes: hub files and transformers' in-
-# memory modules for the encoder; hub files, the in-memory modules and the `decoder_encoder.layer`
-# that transformers 5.x `save_pretrained` writes for the decoder.
-_HF_LAYER = re.compile(r"(?:(decoder)\.(?:decoder_layers|decoder_encoder\.layer)|"
-                       r"encoder\.layer|layers)\.(\d+)\.(.+)")
-_HF_LAYER_PARTS = (
-    (r"attention\.attention\.(query|key|value)\.", lambda m: f"attn.{m[1][0]}."),
-    (r"attention\.([qkv])_proj\.", r"attn.\1."),
-    (r"attention\.(?:output\.dense|o_proj)\.", "attn.proj."),
-    (r"(?:intermediate\.dense|mlp\.fc1)\.", "mlp.fc1."),
-    (r"(?:output\.dense|mlp\.fc2)\.", "mlp.fc2."),
-    (r"layernorm_before\.", "norm1."),
-    (r"layernorm_after\.", "norm2."),
-)
-_HF_OTHER = {
-    "embeddings.cls_token": "cls_token",
-    "embeddings.position_embeddings": "pos_embed",
-    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-    "layernorm.weight": "norm.weight",
-    "layernorm.bias": "norm.bias",
-}
-
-
-def _is_hf(sd: StateDict) -> bool:
-  return any(k.startswith(("vit.embeddings.", "embeddings.")) for k in sd)
-
-
-def _hf_name(key: str) -> str:
-  """One Hugging Face key -> the reference's name (q/k/v still apart); unknown keys unchanged."""
-  key = key.removeprefix("vit.")
-  if key in _HF_OTHER:
-    return _HF_OTHER[key]
-  m = _HF_LAYER.fullmatch(key)
-  if m:
-    for pattern, repl in _HF_LAYER_PARTS:
-      rest, n = re.subn(rf"^{pattern}", repl, m[3])
-      if n:
-        return f"{'decoder_blocks' if m[1] else 'blocks'}.{m[2]}.{rest}"
-    return key
-  return key.removeprefix("decoder.")  # mask_token, decoder_pos_embed, decoder_embed, ...
-
-
-def _from_hf(sd: StateDict) -> StateDict:
-  """Renames Hugging Face keys to the reference's and fuses query, key, value into qkv."""
-  out = {_hf_name(k): v for k, v in sd.items()}
-  for name in [k for k in out if re.search(r"\.attn\.q\.(weight|bias)$", k)]:
-    parts = [name.replace(".attn.q.", f".attn.{c}.") for c in "qkv"]
-    if all(p in out for p in parts):
-      out[name.replace(".attn.q.", ".attn.qkv.")] = np.concatenate([out.pop(p) for p in parts])
-  return out
-
-
 # --- Architecture of a state dict (reference names) --------------------------------------------
 
 _BLOCK_KEYS = tuple(f"{m}.{w}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1",
@@ -385,50 +332,6 @@ def _infer_config(arch: dict[str, Any], args: dict[str, Any], source: str) -> Mo
   return config
 
 
-# Hugging Face ViTMAEConfig defaults, for keys a config.json leaves out.
-_HF_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                    intermediate_size=3072, hidden_act="gelu", layer_norm_eps=1e-12,
-                    image_size=224, patch_size=16, num_channels=3, qkv_bias=True,
-                    decoder_num_attention_heads=16, decoder_hidden_size=512,
-                    decoder_num_hidden_layers=8, decoder_intermediate_size=2048,
-                    mask_ratio=0.75, norm_pix_loss=False)
-
-
-def _config_from_hf(path: str) -> ModelConfig:
-  """config.json of a Hugging Face ViTMAE -> ModelConfig; an unrepresentable one is an error."""
-  with open(path) as f:
-    hf = {**_HF_DEFAULTS, **json.load(f)}
-
-  def fail(why: str):
-    raise ValueError(f"{path}: {why}; mae_jax cannot represent this model")
-
-  if hf.get("model_type", "vit_mae") != "vit_mae":
-    fail(f"model_type is {hf['model_type']!r}, not 'vit_mae'")
-  if hf["hidden_act"] != "gelu":
-    fail(f"hidden_act is {hf['hidden_act']!r}; mae_jax uses exact GELU (Hugging Face 'gelu')")
-  if not hf["qkv_bias"]:
-    fail("qkv_bias is false; mae_jax's attention has a qkv bias")
-  sizes = {}
-  for key in ("image_size", "patch_size"):
-    value = hf[key]
-    if isinstance(value, (list, tuple)):
-      if len(set(value)) != 1:
-        fail(f"{key} is {value}, not square")
-      value = value[0]
-    sizes[key] = value
-  width, mlp = hf["hidden_size"], hf["intermediate_size"]
-  if int(hf["decoder_hidden_size"] * (mlp / width)) != hf["decoder_intermediate_size"]:
-    fail(f"the decoder's MLP ratio (decoder_intermediate_size {hf['decoder_intermediate_size']}"
-         f" / decoder_hidden_size {hf['decoder_hidden_size']}) differs from the encoder's "
-         f"(intermediate_size {mlp} / hidden_size {width})")
-  return ModelConfig(
-      **sizes, channels=hf["num_channels"], width=width, depth=hf["num_hidden_layers"],
-      num_heads=hf["num_attention_heads"], mlp_ratio=mlp / width,
-      decoder_width=hf["decoder_hidden_size"], decoder_depth=hf["decoder_num_hidden_layers"],
-      decoder_num_heads=hf["decoder_num_attention_heads"], mask_ratio=hf["mask_ratio"],
-      norm_pix_loss=hf["norm_pix_loss"], layer_norm_eps=hf["layer_norm_eps"])
-
-
 # --- Reference state dict -> params ------------------------------------------------------------
 
 def _check_posemb(sd: StateDict, config: ModelConfig, source: str) -> None:
@@ -511,23 +414,24 @@ def load_pretrained(path: str, config: ModelConfig | None = None) -> tuple[Param
       _check_config(config, _arch_of(saved, "decoder" not in params), path)
     return params, config if config is not None else saved
 
-  hf_config = None
+  hf_fields = None
   if os.path.isdir(path):
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    json_path = os.path.join(path, "config.json")
+    if not os.path.isfile(json_path):
       raise ValueError(f"{path} is neither an mae_jax Orbax checkpoint nor a Hugging Face "
                        f"directory (no config.json)")
-    hf_config = _config_from_hf(os.path.join(path, "config.json"))
+    hf_fields = hf_format.read_config(json_path)
     names = [n for n in ("model.safetensors", "pytorch_model.bin")
              if os.path.isfile(os.path.join(path, n))]
     if not names:
       raise ValueError(f"{path}: no model.safetensors or pytorch_model.bin next to config.json")
     path = os.path.join(path, names[0])
   sd, args = _read_state_dict(path)
-  if _is_hf(sd):
-    sd = _from_hf(sd)
+  if hf_format.is_hf(sd):
+    sd = hf_format.from_hf(sd)
   arch, encoder_only = _architecture(sd, path)
-  if hf_config is not None:
-    _check_config(hf_config, arch, path)  # config.json against the weights' shapes
+  if hf_fields is not None:
+    hf_config = hf_format.model_config(hf_fields, arch, json_path)  # checked against the weights
     if config is not None:
       _check_config(config, _arch_of(hf_config, encoder_only), "config.json")
     config = config if config is not None else hf_config
@@ -545,6 +449,23 @@ def _parse_bool(text: str) -> bool:
   return text.lower() in ("true", "1")
 
 
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+  """--variant and one flag per ModelConfig field, for sources whose config is incomplete."""
+  parser.add_argument("--variant", choices=list(VARIANTS),
+                      help="base config the overrides below apply to (default B/16 when any "
+                           "override is given); without both, the file's architecture is used")
+  for field in dataclasses.fields(ModelConfig):
+    kind = type(field.default)
+    parser.add_argument(f"--{field.name}", type=_parse_bool if kind is bool else kind,
+                        help=f"model config override ({kind.__name__})")
+
+
+def config_from_flags(args: argparse.Namespace) -> ModelConfig | None:
+  """The config the flags of `add_config_flags` ask for, or None when none is given."""
+  overrides = {k: getattr(args, k) for k in FIELDS if getattr(args, k) is not None}
+  return model_config(args.variant or "B/16", **overrides) if args.variant or overrides else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """`python -m mae_jax.convert SRC DST`: writes SRC's weights as an Orbax params checkpoint."""
   parser = argparse.ArgumentParser(
@@ -553,21 +474,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "checkpoint into an mae_jax Orbax params checkpoint.")
   parser.add_argument("src", help="weights to read")
   parser.add_argument("dst", help="Orbax checkpoint directory to create (never overwritten)")
-  parser.add_argument("--variant", choices=list(VARIANTS),
-                      help="base config the overrides below apply to (default B/16 when any "
-                           "override is given); without both, the file's architecture is used")
-  for field in dataclasses.fields(ModelConfig):
-    kind = type(field.default)
-    parser.add_argument(f"--{field.name}", type=_parse_bool if kind is bool else kind,
-                        help=f"model config override ({kind.__name__})")
+  add_config_flags(parser)
   args = parser.parse_args(argv)
   if os.path.exists(args.dst):
     parser.error(f"{args.dst} exists; refusing to overwrite it")
-  overrides = {k: getattr(args, k) for k in FIELDS if getattr(args, k) is not None}
   try:
-    config = (model_config(args.variant or "B/16", **overrides)
-              if args.variant or overrides else None)
-    params, config = load_pretrained(args.src, config)
+    params, config = load_pretrained(args.src, config_from_flags(args))
   except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
     parser.exit(1, f"error: {e}\n")
   checkpointing.save_params(args.dst, params, config)
