@@ -61,18 +61,36 @@ class Mlp(nn.Module):
     return nn.Dense(d, kernel_init=xavier, dtype=self.dtype, name="fc2")(gelu(x))
 
 
+def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+  """Stochastic depth on a residual branch: each sample's [B, ...] row is zeroed with
+  probability `rate`, kept rows are scaled by 1 / (1 - rate) (timm's DropPath)."""
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
 class Block(nn.Module):
-  """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+  """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+  With `drop_path` > 0 and `deterministic=False`, each branch goes through `drop_path`
+  (rngs 'drop_path'); the default is the MAE block, which has none.
+  """
   num_heads: int
   mlp_dim: int
   eps: float
   dtype: jnp.dtype = jnp.float32
+  drop_path: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     norm = lambda name: nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name=name)
-    x = x + Attention(self.num_heads, self.dtype, name="attn")(norm("norm1")(x))
-    return x + Mlp(self.mlp_dim, self.dtype, name="mlp")(norm("norm2")(x))
+
+    def branch(y):
+      if deterministic or self.drop_path == 0:
+        return y
+      return drop_path(y, self.drop_path, self.make_rng("drop_path"))
+    x = x + branch(Attention(self.num_heads, self.dtype, name="attn")(norm("norm1")(x)))
+    return x + branch(Mlp(self.mlp_dim, self.dtype, name="mlp")(norm("norm2")(x)))
 
 
 class Encoder(nn.Module):
@@ -82,17 +100,29 @@ class Encoder(nn.Module):
   each patch, used to pick its fixed position embedding. With `mask_tokens` (the paper's
   ablation `encoder_mask_tokens`), patches where `mask` ([B, N]) is 1 are replaced by a
   learned token. Returns [B, 1 + L, D].
+
+  The fine-tuned classifier sets `learned_pos` (a trained `pos_embed` [1, 1 + N, D],
+  initialised to the sin-cos table with a zero cls row, the cls token gets its row) and
+  `drop_path` (rates rising linearly from 0 at the first block to `drop_path` at the last).
+  The defaults are MAE's encoder.
   """
   config: ViTConfig
   mask_tokens: bool = False
   final_norm: bool = True  # False: the last block's output (for pooled features)
+  learned_pos: bool = False
+  drop_path: float = 0.0
 
   @nn.compact
   def __call__(self, patches: jax.Array, positions: jax.Array,
-               mask: jax.Array | None = None) -> jax.Array:
+               mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    pos = jnp.asarray(sincos_2d(cfg.width, cfg.grid_size))  # [N, D]
+    if self.learned_pos:
+      table = self.param("pos_embed", lambda _: jnp.asarray(
+          sincos_2d(cfg.width, cfg.grid_size, cls_token=True))[None])  # [1, 1 + N, D]
+      pos, cls_pos = table[0, 1:], table[:, :1]
+    else:
+      pos, cls_pos = jnp.asarray(sincos_2d(cfg.width, cfg.grid_size)), None  # [N, D]
     x = nn.Dense(cfg.width, kernel_init=xavier, dtype=dtype, name="patch_embed")(patches)
     x = x.astype(jnp.float32) + pos[positions]  # [B, L, D] float32 residual stream
     if self.mask_tokens:
@@ -100,11 +130,15 @@ class Encoder(nn.Module):
         raise ValueError("encoder_mask_tokens needs the mask")
       token = self.param("mask_token", token_init, (1, 1, cfg.width))
       x = jnp.where(mask[..., None] > 0, token + pos[positions], x)
-    cls = self.param("cls_token", token_init, (1, 1, cfg.width))  # its position embedding is 0
+    cls = self.param("cls_token", token_init, (1, 1, cfg.width))  # fixed position: 0
+    if cls_pos is not None:
+      cls = cls + cls_pos
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, cfg.width)), x],
                         axis=1)  # [B, 1 + L, D]
+    rates = np.linspace(0, self.drop_path, cfg.depth)
     for i in range(cfg.depth):
-      x = Block(cfg.num_heads, cfg.mlp_dim, cfg.layer_norm_eps, dtype, name=f"blocks_{i}")(x)
+      x = Block(cfg.num_heads, cfg.mlp_dim, cfg.layer_norm_eps, dtype, float(rates[i]),
+                name=f"blocks_{i}")(x, deterministic)
     if not self.final_norm:
       return x
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, name="norm")(x)

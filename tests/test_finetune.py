@@ -1,0 +1,182 @@
+"""Fine-tuning: the classifier (drop path, trained position embeddings and their
+interpolation), fine-tuned checkpoints against reference forwards, layer-wise lr decay,
+Mixup / CutMix, the task through the trainer, and errors before any write."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from scipy.special import erf
+
+from configs import finetune
+from mae_jax import classifier, optim
+from mae_jax.classifier import Classifier, init_classifier, interpolate_pos_embed
+from mae_jax.config import ViTConfig
+from mae_jax.mae import _encode
+from mae_jax.mixup import mix_batch
+from mae_jax.models import drop_path
+from mae_jax.posemb import sincos_2d
+from mae_jax.tasks import make_task
+from mae_jax.tasks.finetune import decay_mask, lr_scales
+from mae_jax.trainer import train_and_evaluate
+
+from test_eval import ENCODER, set_fields
+
+TINY = ViTConfig(**ENCODER)  # 32 px, patch 8, width 64, depth 2, 4 heads
+
+
+def finetune_config(demo_dir, init_from, **extra):
+  """Fine-tuning of the tiny demo encoder on the demo photographs (8 classes)."""
+  config = finetune.get_config().unlock()
+  config.model.update(**ENCODER)
+  config.input.update(dataset="demo", data_dir=demo_dir, eval_split="val", worker_count=0)
+  config.evals.classification.update(every_steps=2, batch_size=32)
+  return set_fields(config.lock(), **{
+      "num_classes": 8, "init_from": init_from, "batch_size": 16, "total_steps": 4,
+      "warmup_steps": 1, "log_every_steps": 2, "checkpoint_every_steps": 2, **extra})
+
+
+# --- The model -------------------------------------------------------------------------------
+
+def test_drop_path_keeps_the_expected_fraction_and_is_the_identity_at_evaluation():
+  x = jnp.ones((20000, 3, 2))
+  y = np.asarray(drop_path(x, 0.3, jax.random.key(0)))
+  kept = y[:, 0, 0] > 0
+  assert abs(kept.mean() - 0.7) < 0.015  # 20000 samples: std 0.003
+  np.testing.assert_allclose(y[kept], 1 / 0.7, rtol=1e-6)  # whole rows kept, rescaled
+  assert (y[~kept] == 0).all()
+  model = Classifier(TINY, 5, drop_path=0.5)
+  params = init_classifier(model, jax.random.key(0))
+  images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  plain = Classifier(TINY, 5).apply({"params": params}, images)
+  np.testing.assert_array_equal(model.apply({"params": params}, images), plain)
+  train = model.apply({"params": params}, images, deterministic=False,
+                      rngs={"drop_path": jax.random.key(2)})
+  assert not np.allclose(train, plain)
+
+
+def test_classifier_starts_from_the_fixed_sincos_table():
+  """At init the trained pos_embed is MAE's fixed table (zero cls row): the classifier's
+  tokens before pooling are the MAE encoder's on the same weights."""
+  params = init_classifier(Classifier(TINY, 5), jax.random.key(0))
+  np.testing.assert_array_equal(params["encoder"]["pos_embed"],
+                                sincos_2d(64, 4, cls_token=True)[None])
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  encoder = {k: v for k, v in params["encoder"].items() if k != "pos_embed"}
+  tokens = _encode(encoder, images, TINY, final_norm=False)
+  fc = params["fc_norm"]
+  pooled = np.asarray(tokens)[:, 1:].mean(1)
+  pooled = (pooled - pooled.mean(-1, keepdims=True)) / np.sqrt(
+      pooled.var(-1, keepdims=True) + 1e-6) * np.asarray(fc["scale"]) + np.asarray(fc["bias"])
+  want = pooled @ np.asarray(params["head"]["kernel"]) + np.asarray(params["head"]["bias"])
+  np.testing.assert_allclose(Classifier(TINY, 5).apply({"params": params}, images), want,
+                             rtol=1e-5, atol=1e-9)
+
+
+def test_interpolated_position_embeddings_keep_the_cls_row_and_match_torch():
+  rng = np.random.default_rng(0)
+  table = rng.normal(size=(1, 1 + 14 * 14, 8)).astype(np.float32)
+  np.testing.assert_array_equal(interpolate_pos_embed(table, 14), table)  # same size
+  for grid in (16, 10):  # up and down, as 224 -> 256 / 160 px with patch 16
+    out = interpolate_pos_embed(table, grid)
+    assert out.shape == (1, 1 + grid * grid, 8) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[:, 0], table[:, 0])
+    grid_t = torch.from_numpy(table[:, 1:]).reshape(1, 14, 14, 8).permute(0, 3, 1, 2)
+    want = torch.nn.functional.interpolate(grid_t, size=(grid, grid), mode="bicubic",
+                                           align_corners=False)
+    want = want.permute(0, 2, 3, 1).reshape(1, grid * grid, 8).numpy()
+    np.testing.assert_allclose(out[:, 1:], want, rtol=1e-5, atol=1e-5)
+
+
+# --- Fine-tuned checkpoints against reference forwards ------------------------------------------
+
+def _layer_norm(x, w, b, eps):
+  return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * w + b
+
+
+def numpy_vit_logits(sd, images, heads, eps=1e-6):
+  """The reference's models_vit.VisionTransformer(global_pool=True) forward, in numpy."""
+  conv = sd["patch_embed.proj.weight"]  # [D, C, p, p]
+  d, c, p, _ = conv.shape
+  b, h, w, _ = images.shape
+  x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 5, 2, 4)  # (c, y, x)
+  x = x.reshape(b, -1, c * p * p) @ conv.reshape(d, -1).T + sd["patch_embed.proj.bias"]
+  x = np.concatenate([np.broadcast_to(sd["cls_token"], (b, 1, d)), x], 1) + sd["pos_embed"]
+  n = x.shape[1]
+  for i in range(len([k for k in sd if k.endswith("norm1.weight")])):
+    g = lambda name: sd[f"blocks.{i}.{name}"]
+    y = _layer_norm(x, g("norm1.weight"), g("norm1.bias"), eps)
+    qkv = (y @ g("attn.qkv.weight").T + g("attn.qkv.bias")).reshape(b, n, 3, heads, -1)
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # [B, H, N, Dh] each
+    a = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+    a = np.exp(a - a.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    y = (a @ v).transpose(0, 2, 1, 3).reshape(b, n, d)
+    x = x + y @ g("attn.proj.weight").T + g("attn.proj.bias")
+    y = _layer_norm(x, g("norm2.weight"), g("norm2.bias"), eps)
+    y = y @ g("mlp.fc1.weight").T + g("mlp.fc1.bias")
+    y = 0.5 * y * (1 + erf(y / np.sqrt(2)))
+    x = x + y @ g("mlp.fc2.weight").T + g("mlp.fc2.bias")
+  x = _layer_norm(x[:, 1:].mean(1), sd["fc_norm.weight"], sd["fc_norm.bias"], eps)
+  return x @ sd["head.weight"].T + sd["head.bias"]
+
+
+def official_finetuned_state_dict(rng, num_classes=8, depth=2, d=64, grid=4, p=8):
+  """Random weights under the names main_finetune.py saves (global pool: fc_norm, no norm)."""
+  f = lambda *shape: rng.normal(scale=0.2, size=shape).astype(np.float32)
+  sd = {"cls_token": f(1, 1, d), "pos_embed": f(1, 1 + grid * grid, d),
+        "patch_embed.proj.weight": f(d, 3, p, p), "patch_embed.proj.bias": f(d),
+        "fc_norm.weight": 1 + f(d), "fc_norm.bias": f(d),
+        "head.weight": f(num_classes, d), "head.bias": f(num_classes)}
+  for i in range(depth):
+    for name, shape in (("norm1", (d,)), ("attn.qkv", (3 * d, d)), ("attn.proj", (d, d)),
+                        ("norm2", (d,)), ("mlp.fc1", (4 * d, d)), ("mlp.fc2", (d, 4 * d))):
+      sd[f"blocks.{i}.{name}.weight"] = (1 + f(*shape)) if "norm" in name else f(*shape)
+      sd[f"blocks.{i}.{name}.bias"] = f(shape[0])
+  return sd
+
+
+def test_official_finetuned_pth_gives_the_reference_logits(tmp_path, demo_dir):
+  sd = official_finetuned_state_dict(np.random.default_rng(0))
+  path = str(tmp_path / "mae_finetuned_tiny.pth")
+  torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}, "epoch": 99}, path)
+  task = make_task(finetune_config(demo_dir, path))
+  params, _ = task.apply_init(task.load_init(path), *task.init(jax.random.key(0)))
+  images = np.random.default_rng(1).normal(size=(3, 32, 32, 3)).astype(np.float32)
+  np.testing.assert_allclose(task.logits(params, {}, jnp.asarray(images)),
+                             numpy_vit_logits(sd, images, heads=4), rtol=1e-4, atol=1e-4)
+  # eval_only through the trainer: the checkpoint's accuracy, and nothing trained.
+  workdir = str(tmp_path / "eval")
+  state = train_and_evaluate(finetune_config(demo_dir, path, eval_only=True), workdir)
+  results = json.load(open(os.path.join(workdir, "results.json")))
+  assert results["step"] == 0 and results["classification/count"] == 32
+  for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_hugging_face_vit_classifier_gives_its_logits(tmp_path, demo_dir):
+  from transformers import ViTConfig as HFViTConfig, ViTForImageClassification
+  torch.manual_seed(0)
+  model = ViTForImageClassification(HFViTConfig(
+      hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+      image_size=32, patch_size=8, num_labels=8, layer_norm_eps=1e-12)).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  path = str(tmp_path / "hf")
+  model.save_pretrained(path)
+  config = finetune_config(demo_dir, path, pool="cls", **{"model.layer_norm_eps": 1e-12})
+  task = make_task(config)
+  params, _ = task.apply_init(task.load_init(path), *task.init(jax.random.key(0)))
+  images = np.random.default_rng(1).normal(size=(3, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = model(torch.from_numpy(images.transpose(0, 3, 1, 2))).logits.numpy()
+  np.testing.assert_allclose(task.logits(params, {}, jnp.asarray(images)), want, rtol=1e-4,
+                             atol=1e-4)
+  # The file's eps is checked against the config's.
+  with pytest.raises(ValueError, match="layer_norm_eps"):
+    make_task(finetune_config(demo_dir, path, pool="cls")).load_init(path)
