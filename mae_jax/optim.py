@@ -1,5 +1,5 @@
-"""The recipes' optimisers: AdamW (pretraining), LARS (linear probe); lr = base_lr * batch /
-256, per-step warmup then cosine."""
+"""The recipes' optimisers: AdamW (pretraining), LARS (linear probe), AdamW with layer-wise
+lr decay (fine-tuning); lr = base_lr * batch / 256, per-step warmup then cosine."""
 from __future__ import annotations
 
 import jax
@@ -12,8 +12,10 @@ def learning_rate(base_lr: float, batch_size: int) -> float:
   return base_lr * batch_size / 256
 
 
-def lr_schedule(peak_lr: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
-  """Per-step linear warmup from 0 to `peak_lr`, then half-cosine to 0 at `total_steps`.
+def lr_schedule(peak_lr: float, warmup_steps: int, total_steps: int, end_value: float = 0.0
+                ) -> optax.Schedule:
+  """Per-step linear warmup from 0 to `peak_lr`, then half-cosine to `end_value` (the
+  fine-tuning recipe's min_lr) at `total_steps`.
 
   The reference sets the lr every iteration from the fractional epoch; counting in
   optimizer steps gives the same curve.
@@ -21,7 +23,7 @@ def lr_schedule(peak_lr: float, warmup_steps: int, total_steps: int) -> optax.Sc
   if not 0 <= warmup_steps < total_steps:
     raise ValueError(f"warmup_steps ({warmup_steps}) must be in [0, total_steps "
                      f"({total_steps}))")
-  return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup_steps, total_steps, 0.0)
+  return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup_steps, total_steps, end_value)
 
 
 def weight_decay_mask(params):
@@ -68,3 +70,23 @@ def lars(schedule: optax.Schedule, *, momentum: float = 0.9, trust_coefficient: 
   """
   return optax.chain(lars_direction(weight_decay, trust_coefficient), optax.trace(momentum),
                      optax.scale_by_learning_rate(schedule))
+
+
+def scale_by_tree(scales) -> optax.GradientTransformation:
+  """Multiplies each update by its own constant (a pytree of floats like the params)."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, c: u * c, updates, scales), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def adamw_layer_decay(schedule: optax.Schedule, *, weight_decay: float, b1: float, b2: float,
+                      decay_mask, lr_scales) -> optax.GradientTransformation:
+  """AdamW where parameter p's lr is `schedule * lr_scales[p]` (layer-wise lr decay).
+
+  As PyTorch's AdamW on the reference's parameter groups: the group lr multiplies the
+  decoupled weight decay as well as the Adam step; decay only where `decay_mask` is True.
+  """
+  return optax.chain(optax.scale_by_adam(b1, b2, eps=1e-8),
+                     optax.add_decayed_weights(weight_decay, decay_mask),
+                     optax.scale_by_learning_rate(schedule), scale_by_tree(lr_scales))

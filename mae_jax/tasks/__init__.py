@@ -4,10 +4,12 @@ from __future__ import annotations
 import ml_collections
 
 from mae_jax.tasks.base import Aux, Task
+from mae_jax.tasks.finetune import FinetuneTask
 from mae_jax.tasks.linear_probe import LinearProbeTask
 from mae_jax.tasks.pretrain import PretrainTask
 
-TASKS: dict[str, type[Task]] = {"pretrain": PretrainTask, "linear_probe": LinearProbeTask}
+TASKS: dict[str, type[Task]] = {"pretrain": PretrainTask, "linear_probe": LinearProbeTask,
+                                 "finetune": FinetuneTask}
 
 
 def make_task(config: ml_collections.ConfigDict) -> Task:
