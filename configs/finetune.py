@@ -54,4 +54,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1250  # ~1 epoch at batch 1024
   config.evals.classification = dict(type="classification", every_steps=1250, batch_size=1024)
+  config.best_metric = "classification/top1"  # WORKDIR/best/<step>: the best state so far
   return config.lock()

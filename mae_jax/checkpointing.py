@@ -99,6 +99,33 @@ def load_params(path: str) -> tuple[Params, ModelConfig]:
     return restored["state"]["params"], config
 
 
+def _step_dir(path: str) -> str:
+  path = os.path.abspath(path)
+  return path if os.path.isdir(os.path.join(path, "config")) else latest_step_dir(path)
+
+
+def saved_meta(path: str) -> dict[str, Any] | None:
+  """The JSON saved with an mae_jax checkpoint (a step dir, or the newest step of a workdir
+  or of a folder of steps such as WORKDIR/best); None for anything else."""
+  if not is_orbax_dir(path):
+    return None
+  with open(os.path.join(_step_dir(path), "config", "metadata")) as f:
+    return json.load(f)
+
+
+def read_task_params(path: str, target: Params) -> Params:
+  """The params of a training step (as `saved_meta` finds it); `target`: their abstract
+  shapes (the task's model)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = {"params": jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)}
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    restored = ckptr.restore(_step_dir(path), ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+  return restored["state"]["params"]
+
+
 def read_saved_run(workdir: str) -> dict[str, Any] | None:
   """The JSON saved with the newest checkpoint of a workdir plus its `step`, or None."""
   if not _steps(os.path.join(workdir, CHECKPOINTS)):
@@ -145,5 +172,44 @@ class TrainCheckpointer:
 
   def close(self) -> None:
     """Waits for async saves to land, then releases the manager."""
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+BEST = "best"
+
+
+class BestCheckpointer:
+  """Keeps the train state of the step with the highest `metric` in WORKDIR/best/<step>/
+  (state, config with the value), besides the newest ones in checkpoints/.
+
+  Saves only on a new best, so a resumed run (which re-evaluates the same steps to the same
+  values) never replaces it with an equal one.
+  """
+
+  def __init__(self, workdir: str, metric: str):
+    self.metric = metric
+    self.manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), BEST),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()})
+    step = self.manager.latest_step()
+    self.value = None if step is None else self.manager.restore(
+        step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]["best"][metric]
+
+  def update(self, step: int, state, results: dict[str, float], config: dict[str, Any]
+             ) -> None:
+    """Saves `state` if `results` holds the metric and it beats the best so far."""
+    value = results.get(self.metric)
+    if value is None or (self.value is not None and value <= self.value):
+      return
+    self.value = value
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        config=ocp.args.JsonSave({**config, "best": {self.metric: value, "step": step}})),
+        force=True)
+
+  def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()

@@ -62,18 +62,22 @@ def read_state_dict(path: str) -> tuple[StateDict, dict[str, Any]]:
   return sd, hf
 
 
-def load_classifier(path: str, abstract: Params, pool: str
+def load_classifier(path: str, abstract: Params, pool: str, num_classes: int
                     ) -> tuple[Params, dict[str, Any]] | None:
-  """A fine-tuned classifier file -> (params shaped like `abstract`, what the file says), or
+  """A fine-tuned classifier file -> (params shaped like `abstract`, the encoder fields a
+  Hugging Face config.json states besides the shapes: layer_norm_eps, num_heads), or
   None when `path` holds no classifier head (a pretrained MAE, an mae_jax workdir).
 
   The position embeddings are resized to the model's grid (`interpolate_pos_embed`); every
   other shape must equal the model's, or a ValueError names the parameter. The file's pooling
-  (fc_norm: 'avg'; norm: 'cls') must be `pool`.
+  (fc_norm: 'avg'; norm: 'cls') must be `pool`, its class count `num_classes`.
   """
   sd, hf = read_state_dict(path)
   if "head.weight" not in sd:
     return None
+  if sd["head.weight"].shape[0] != num_classes:
+    raise ValueError(f"init_from {path} classifies {sd['head.weight'].shape[0]} classes, "
+                     f"config.num_classes is {num_classes}")
   try:
     return _to_params(sd, hf, path, abstract, pool)
   except KeyError as e:
@@ -88,6 +92,9 @@ def _to_params(sd: StateDict, hf: dict[str, Any], path: str, abstract: Params, p
   depth = len([k for k in sd if k.startswith("blocks.") and k.endswith(".norm1.weight")])
   conv = sd["patch_embed.proj.weight"]  # [D, C, p, p] -> [p, p, C, D] -> [p*p*C, D]
   enc = abstract["encoder"]
+  if conv.shape[0] != enc["cls_token"].shape[-1]:
+    raise ValueError(f"{path} holds another classifier than the config: width "
+                     f"{conv.shape[0]}, config.model.width {enc['cls_token'].shape[-1]}")
   grid = int(round((enc["pos_embed"].shape[1] - 1) ** 0.5))
   encoder = {
       "patch_embed": {"kernel": conv.transpose(2, 3, 1, 0).reshape(-1, conv.shape[0]),
@@ -109,7 +116,7 @@ def _to_params(sd: StateDict, hf: dict[str, Any], path: str, abstract: Params, p
   if diff:
     raise ValueError(f"{path} holds another classifier than the config; (file, config) shapes: "
                      f"{dict(list(diff.items())[:6])}")
-  found = {"pool": pool, "num_classes": int(sd["head.weight"].shape[0]), "width": conv.shape[0]}
+  found = {}
   if hf:  # what a .pth cannot say
     found.update(layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
                  num_heads=hf.get("num_attention_heads", 12))

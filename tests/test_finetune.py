@@ -180,3 +180,172 @@ def test_hugging_face_vit_classifier_gives_its_logits(tmp_path, demo_dir):
   # The file's eps is checked against the config's.
   with pytest.raises(ValueError, match="layer_norm_eps"):
     make_task(finetune_config(demo_dir, path, pool="cls")).load_init(path)
+
+
+# --- The optimizer ---------------------------------------------------------------------------
+
+def test_layer_decay_scales_and_weight_decay_mask_parameter_by_parameter():
+  params = init_classifier(Classifier(TINY, 5), jax.random.key(0))
+  paths = classifier.tree_paths(params)
+  scales = jax.tree_util.tree_leaves_with_path(lr_scales(paths, depth=2, decay=0.5))
+  mask = dict(zip(jax.tree.leaves(paths), jax.tree.leaves(decay_mask(paths, params))))
+  # depth 2: layer ids 0 (patch_embed, cls, pos), 1 and 2 (blocks), 3 (fc_norm, head);
+  # scale 0.5^(3 - id).
+  want_scale = {"encoder/patch_embed": 1 / 8, "encoder/cls_token": 1 / 8,
+                "encoder/pos_embed": 1 / 8, "encoder/blocks_0": 1 / 4,
+                "encoder/blocks_1": 1 / 2, "fc_norm": 1.0, "head": 1.0}
+  for path, scale in scales:
+    name = "/".join(k.key for k in path)
+    prefix = [p for p in want_scale if name.startswith(p)]
+    assert len(prefix) == 1 and scale == want_scale[prefix[0]], name
+  decayed = sorted(k for k, v in mask.items() if v)
+  assert decayed == sorted(
+      ["encoder/patch_embed/kernel", "head/kernel"] +
+      [f"encoder/blocks_{i}/{m}/kernel" for i in range(2)
+       for m in ("attn/qkv", "attn/proj", "mlp/fc1", "mlp/fc2")])  # not cls, pos, 1-D
+
+
+def test_adamw_with_layer_decay_matches_torch_param_groups():
+  """Three steps under a changing lr equal torch.optim.AdamW on the reference's param groups
+  (lr = lr_t x scale, weight decay 0.05 or 0), as main_finetune.py sets them each step."""
+  rng = np.random.default_rng(0)
+  params = {"a": rng.normal(size=(4, 3)).astype(np.float32),
+            "b": rng.normal(size=(3,)).astype(np.float32),
+            "c": rng.normal(size=(2, 2)).astype(np.float32)}
+  scales, mask = {"a": 0.25, "b": 0.5, "c": 1.0}, {"a": True, "b": False, "c": False}
+  grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+           for _ in range(3)]
+  schedule = optim.lr_schedule(1e-2, 1, 4, end_value=1e-3)
+  tx = optim.adamw_layer_decay(schedule, weight_decay=0.05, b1=0.9, b2=0.999,
+                               decay_mask=mask, lr_scales=scales)
+  p = jax.tree.map(jnp.asarray, params)
+  state = tx.init(p)
+  for g in grads:
+    updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, p)
+    p = optax.apply_updates(p, updates)
+  tp = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in params.items()}
+  opt = torch.optim.AdamW([{"params": [tp[k]], "lr_scale": scales[k],
+                            "weight_decay": 0.05 if mask[k] else 0.0} for k in params],
+                          lr=1.0, betas=(0.9, 0.999), eps=1e-8)
+  for t, g in enumerate(grads):
+    for group in opt.param_groups:
+      group["lr"] = float(schedule(t)) * group["lr_scale"]
+    for k in params:
+      tp[k].grad = torch.from_numpy(g[k])
+    opt.step()
+  for k in params:
+    np.testing.assert_allclose(p[k], tp[k].detach().numpy(), rtol=1e-6, atol=1e-7)
+  # The schedule: warmup, then cosine down to min_lr at the end.
+  assert float(schedule(0)) == 0 and float(schedule(1)) == pytest.approx(1e-2)
+  assert float(schedule(4)) == pytest.approx(1e-3)
+
+
+# --- Mixup / CutMix ----------------------------------------------------------------------------
+
+MIX = dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, smoothing=0.1)
+
+
+def test_mixed_labels_sum_to_one_and_equal_the_pasted_fraction():
+  b, size, classes = 6, 16, 10
+  images = jnp.broadcast_to(jnp.arange(1, b + 1, dtype=jnp.float32)[:, None, None, None],
+                            (b, size, size, 3))  # image i is all (i + 1)
+  labels = jnp.arange(b)
+  kinds = set()
+  for seed in range(12):
+    rng = jax.random.key(seed)
+    mixed, targets = mix_batch(rng, images, labels, classes, **MIX)
+    again = mix_batch(rng, images, labels, classes, **MIX)
+    np.testing.assert_array_equal(mixed, again[0])  # deterministic for the rng
+    np.testing.assert_allclose(targets.sum(-1), 1, rtol=1e-6)
+    mixed, targets = np.asarray(mixed), np.asarray(targets)
+    own = mixed[0] == 1  # pixels of image 0 left in place; the rest come from image b - 1
+    cutmix = bool(np.isin(mixed[0], (1.0, float(b))).all()) and not own.all()
+    if cutmix:
+      lam = own.mean()  # the kept area, after clipping the box at the border
+    else:  # mixup: every pixel is lam * 1 + (1 - lam) * b
+      lam = (b - mixed[0, 0, 0, 0]) / (b - 1)
+      np.testing.assert_allclose(mixed[0], mixed[0, 0, 0, 0], rtol=1e-6)
+    kinds.add(cutmix)
+    off = 0.1 / classes
+    np.testing.assert_allclose(targets[0, 0], lam * (0.9 + off) + (1 - lam) * off, rtol=1e-5)
+    np.testing.assert_allclose(targets[0, b - 1], (1 - lam) * (0.9 + off) + lam * off,
+                               rtol=1e-5)
+  assert kinds == {True, False}  # both switched on over the seeds
+  # Off: smoothed one-hot targets (plain cross-entropy at smoothing 0), images untouched.
+  same, targets = mix_batch(jax.random.key(0), images, labels, classes, **{
+      **MIX, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "smoothing": 0.0})
+  np.testing.assert_array_equal(same, images)
+  np.testing.assert_array_equal(targets, jax.nn.one_hot(labels, classes))
+
+
+# --- Through the trainer ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, demo_dir):
+  """A demo pretraining workdir (tiny MAE, 2 steps)."""
+  from test_train import config_with
+  workdir = str(tmp_path_factory.mktemp("pretrained"))
+  train_and_evaluate(config_with(demo_dir, stop_at_step=2), workdir)
+  return workdir
+
+
+def test_finetune_resumes_bitwise_and_keeps_the_best_checkpoint(tmp_path, demo_dir,
+                                                                pretrained):
+  workdir = str(tmp_path / "ft")
+  state = train_and_evaluate(finetune_config(demo_dir, pretrained), workdir)
+  from mae_jax.checkpointing import load_params
+  mae, _ = load_params(pretrained)
+  # Started from the pretrained encoder: drop path and the optimizer moved it, but little.
+  assert set(state["params"]) == {"encoder", "fc_norm", "head"}
+  assert "norm" not in state["params"]["encoder"]  # global pool: fc_norm instead
+  # Stopped at step 2 and resumed, it ends bitwise where the uninterrupted run did
+  # (Mixup / CutMix and drop path come from the step's rng).
+  resumed_dir = str(tmp_path / "resumed")
+  train_and_evaluate(finetune_config(demo_dir, pretrained, stop_at_step=2), resumed_dir)
+  resumed = train_and_evaluate(finetune_config(demo_dir, pretrained), resumed_dir)
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
+  # best/ holds the step with the best top-1 of the evaluations at steps 2 and 4 ...
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  top1 = {r["step"]: r["classification/top1"] for r in rows if "classification/top1" in r}
+  assert sorted(top1) == [2, 4]
+  best_step = 4 if top1[4] > top1[2] else 2
+  assert os.listdir(os.path.join(workdir, "best")) == [str(best_step)]
+  # ... which evaluates (eval_only, init_from=WORKDIR/best) to that top-1.
+  evaluated = str(tmp_path / "eval_best")
+  train_and_evaluate(finetune_config(demo_dir, os.path.join(workdir, "best"), eval_only=True),
+                     evaluated)
+  results = json.load(open(os.path.join(evaluated, "results.json")))
+  assert results["classification/top1"] == top1[best_step]
+  del mae
+
+
+@pytest.mark.parametrize("extra, error, match", [
+    ({"model.width": 128}, ValueError, r"another encoder.*'width': \(64, 128\)"),
+    ({"num_classes": 5}, ValueError, "num_classes is 5 but split 'train' has 8 classes"),
+    ({"model.image_size": 36}, ValueError, "image_size 36 is not divisible by patch_size 8"),
+    ({"init_from": None}, ValueError, "needs config.init_from"),
+    ({"best_metric": "nope/top1"}, ValueError, "best_metric 'nope/top1' names no"),
+])
+def test_bad_finetune_input_fails_before_any_write(tmp_path, demo_dir, pretrained, extra,
+                                                   error, match):
+  workdir = str(tmp_path / "ft")
+  with pytest.raises(error, match=match):
+    train_and_evaluate(set_fields(finetune_config(demo_dir, pretrained), **extra), workdir)
+  assert not os.path.exists(workdir)
+
+
+def test_a_finetuned_file_of_another_class_count_or_width_is_refused(tmp_path, demo_dir):
+  path = str(tmp_path / "ft.pth")
+  sd = official_finetuned_state_dict(np.random.default_rng(0), num_classes=5)
+  torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, path)
+  workdir = str(tmp_path / "eval")
+  with pytest.raises(ValueError, match="classifies 5 classes, config.num_classes is 8"):
+    train_and_evaluate(finetune_config(demo_dir, path, eval_only=True), workdir)
+  wide = str(tmp_path / "wide.pth")
+  sd = official_finetuned_state_dict(np.random.default_rng(0), d=32)
+  torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, wide)
+  with pytest.raises(ValueError, match="another classifier than the config: width 32, "
+                     "config.model.width 64"):
+    train_and_evaluate(finetune_config(demo_dir, wide, eval_only=True), workdir)
+  assert not os.path.exists(workdir)

@@ -8,6 +8,7 @@ CutMix with label smoothing on the batch, drop path per micro-batch.
 """
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mae_jax import classifier, classifier_format, mixup, optim
+from mae_jax import checkpointing, classifier, classifier_format, mixup, optim
 from mae_jax.data import sources
 from mae_jax.mae import Params
 from mae_jax.posemb import sincos_2d
@@ -75,21 +76,29 @@ class FinetuneTask(Task):
 
   # --- init_from ---
   def load_init(self, path: str) -> tuple[str, Any] | None:
-    """('classifier', params) from a fine-tuned file, or ('encoder', (params, ViTConfig))
-    from a pretrained MAE; checked against the config before anything is written."""
+    """('classifier', params) from a fine-tuned file (an mae_jax fine-tuning checkpoint such
+    as WORKDIR/best, an official .pth, a Hugging Face directory), or ('encoder', (params,
+    ViTConfig)) from a pretrained MAE; checked against the config before anything is
+    written."""
     if path == RANDOM:
       logging.getLogger(__name__).warning("fine-tuning a RANDOMLY initialised ViT "
                                           "(init_from=%r): training from scratch", RANDOM)
       return None
     abstract = jax.eval_shape(self.init, jax.random.key(0))[0]
-    loaded = classifier_format.load_classifier(path, abstract, self.pool)
+    meta = checkpointing.saved_meta(path)
+    if meta is not None and meta.get("task") == self.name:  # e.g. WORKDIR/best
+      model = json.loads(json.dumps(self.model_dict()))
+      diff = {k: (v, model.get(k)) for k, v in meta["model"].items()
+              if model.get(k) != v and k != "dtype"}
+      if diff:
+        raise ValueError(f"init_from {path} holds another classifier than the config; "
+                         f"(checkpoint, config): {diff}")
+      return "classifier", checkpointing.read_task_params(path, abstract)
+    loaded = classifier_format.load_classifier(path, abstract, self.pool, self.num_classes)
     if loaded is not None:
-      params, found = loaded
-      if found["num_classes"] != self.num_classes:
-        raise ValueError(f"init_from {path} classifies {found['num_classes']} classes, "
-                         f"config.num_classes is {self.num_classes}")
+      params, found = loaded  # found: what a Hugging Face config.json says besides shapes
       diff = {k: (v, getattr(self.encoder, k)) for k, v in found.items()
-              if k in ("layer_norm_eps", "num_heads") and getattr(self.encoder, k) != v}
+              if getattr(self.encoder, k) != v}
       if diff:
         raise ValueError(f"init_from {path} holds another encoder than config.model; "
                          f"(checkpoint, config): {diff}")

@@ -6,6 +6,7 @@
   WORKDIR/metrics.jsonl         the same scalars, one JSON object per log step
   WORKDIR/config.json           the full run config
   WORKDIR/results.json          the evaluators' scalars at the last step (when there are any)
+  WORKDIR/best/<step>/          with `config.best_metric`: the state with the best value of it
 With `config.eval_only`, the state (restored, or from `init_from`) is only evaluated.
 and whatever its evaluators write (e.g. reconstructions/). Every check on the config, the
 devices, the data and `init_from` happens before anything is compiled or written.
@@ -102,6 +103,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   loader = task.train_loader(source)
   mesh = sharding.make_mesh(config.fsdp)
   evaluators = evals.make_evaluators(config, task, mesh)
+  best_metric = config.get("best_metric")  # e.g. 'classification/top1' (fine-tuning)
+  if best_metric and best_metric.split("/")[0] not in {e.name for e in evaluators}:
+    raise ValueError(f"config.best_metric {best_metric!r} names no configured evaluator "
+                     f"({', '.join(e.name for e in evaluators) or 'none'})")
 
   # --- Set-up. ---
   is_main = jax.process_index() == 0
@@ -113,6 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   shardings = sharding.tree_sharding(mesh, abstract)
   data_iter = iter(loader)
   ckpt = checkpointing.TrainCheckpointer(workdir, keep=config.keep_checkpoints)
+  best = checkpointing.BestCheckpointer(workdir, best_metric) if best_metric else None
   if ckpt.latest_step() is not None:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
@@ -170,7 +176,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
         values.update(epoch=step / plan.steps_per_epoch, data_skipped=skipped)
         writer.scalars(step, values)
       due = [e for e in evaluators if every(step, e.every_steps) or step == plan.stop_step]
-      results.update(run_evaluators(due, state, step, workdir, writer))
+      evaluated = run_evaluators(due, state, step, workdir, writer)
+      results.update(evaluated)
+      if best is not None:
+        best.update(step, state, evaluated, saved_config)
       preempted = preemption.reached(step)
       if (preempted or every(step, config.checkpoint_every_steps)
           or step == plan.stop_step):
@@ -187,6 +196,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     preemption.close()
     writer.close()
     ckpt.close()
+    if best is not None:
+      best.close()
   return state
 
 
