@@ -50,7 +50,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.cutmix = 1.0
   config.mixup_prob = 1.0
   config.mixup_switch_prob = 0.5
+  # Per image (timm's create_transform as the reference calls it): RandomResizedCrop
+  # (0.08-1, bicubic), flip, RandAugment, normalise, random erasing (per-pixel noise).
   config.input.crop_scale = (0.08, 1.0)
+  config.input.randaugment = "rand-m9-mstd0.5-inc1"
+  config.input.reprob = 0.25
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1250  # ~1 epoch at batch 1024
   config.evals.classification = dict(type="classification", every_steps=1250, batch_size=1024)

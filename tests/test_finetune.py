@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 import torch
+from PIL import Image
 from scipy.special import erf
 
 from configs import finetune
@@ -349,3 +350,34 @@ def test_a_finetuned_file_of_another_class_count_or_width_is_refused(tmp_path, d
                      "config.model.width 64"):
     train_and_evaluate(finetune_config(demo_dir, wide, eval_only=True), workdir)
   assert not os.path.exists(workdir)
+
+
+# --- Per-image augmentation --------------------------------------------------------------------
+
+def test_randaugment_and_random_erasing_are_deterministic_and_keep_shape_and_dtype():
+  from mae_jax.data import randaugment
+  image = np.random.default_rng(0).integers(0, 256, (24, 20, 3), dtype=np.uint8)
+  for name, op in randaugment.OPS.items():  # every op, at full magnitude
+    out = np.asarray(op(Image.fromarray(image), 10.0, np.random.default_rng(1), (124, 116, 104)))
+    assert out.shape == image.shape and out.dtype == np.uint8, name
+    assert not np.array_equal(out, image), name
+  augment = randaugment.RandAugment("rand-m9-mstd0.5-inc1", (0.485, 0.456, 0.406))
+  outs = [augment.random_map({"image": image}, np.random.default_rng(s))["image"]
+          for s in (0, 0, 1, 2, 3)]
+  np.testing.assert_array_equal(outs[0], outs[1])  # same rng, same image
+  assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outs)
+  assert len({o.tobytes() for o in outs}) == 4  # other draws, other images
+  with pytest.raises(ValueError, match="cannot read 'x9'"):
+    randaugment.RandAugment("rand-x9", (0.5,) * 3)
+  erase = randaugment.RandomErasing(1.0)
+  flat = np.zeros((32, 32, 3), np.float32)
+  a = erase.random_map({"image": flat}, np.random.default_rng(5))["image"]
+  np.testing.assert_array_equal(a, erase.random_map({"image": flat},
+                                                    np.random.default_rng(5))["image"])
+  assert a.shape == flat.shape and a.dtype == np.float32
+  rows, cols = np.nonzero((a != 0).any(-1))  # one box of noise, 2-33% of the area
+  box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+  assert len(rows) == box and 0.02 * 1024 * 0.5 < box < 1024 / 3 * 1.5
+  assert 0.5 < a[a != 0].std() < 1.5  # standard normal noise
+  never = randaugment.RandomErasing(0.0).random_map({"image": flat}, np.random.default_rng(5))
+  np.testing.assert_array_equal(never["image"], flat)

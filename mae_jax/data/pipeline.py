@@ -20,6 +20,9 @@ the hosts' batches into one global `jax.Array`. The loader is grain's
   mean, std: per-channel normalisation of [0, 1] pixels. Default ImageNet's.
   worker_count: grain worker processes (0 = in this process). Default 0.
   worker_buffer_size: batches each worker prepares ahead. Default 1.
+  randaugment: a timm RandAugment spec applied after the flip (fine-tuning:
+    'rand-m9-mstd0.5-inc1'). Default None (off).
+  reprob: random erasing probability, after normalising. Default 0 (off).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import grain
 import jax
 import numpy as np
 
+from mae_jax.data import randaugment
 from mae_jax.data import sources
 from mae_jax.data import transforms
 
@@ -46,6 +50,8 @@ _DEFAULTS = {
     "std": transforms.IMAGENET_STD,
     "worker_count": 0,
     "worker_buffer_size": 1,
+    "randaugment": None,
+    "reprob": 0.0,
 }
 
 
@@ -115,12 +121,14 @@ def make_train_loader(
   ]
   if _field(input_config, "hflip"):
     operations.append(transforms.RandomHorizontalFlip())
-  operations += [
-      transforms.Normalize(tuple(_field(input_config, "mean")),
-                           tuple(_field(input_config, "std"))),
-      grain.transforms.Batch(global_batch_size // process_count,
-                             drop_remainder=True),
-  ]
+  mean = tuple(_field(input_config, "mean"))
+  if _field(input_config, "randaugment"):
+    operations.append(randaugment.RandAugment(_field(input_config, "randaugment"), mean))
+  operations.append(transforms.Normalize(mean, tuple(_field(input_config, "std"))))
+  if _field(input_config, "reprob") > 0:
+    operations.append(randaugment.RandomErasing(_field(input_config, "reprob")))
+  operations.append(grain.transforms.Batch(global_batch_size // process_count,
+                                           drop_remainder=True))
   worker_count = _field(input_config, "worker_count")
   if worker_count and not flags.FLAGS.is_parsed():
     # grain 0.2.18 workers read an absl flag and fail unless flags are parsed
