@@ -292,13 +292,20 @@ def pretrained(tmp_path_factory, demo_dir):
 
 def test_finetune_resumes_bitwise_and_keeps_the_best_checkpoint(tmp_path, demo_dir,
                                                                 pretrained):
-  workdir = str(tmp_path / "ft")
-  state = train_and_evaluate(finetune_config(demo_dir, pretrained), workdir)
   from mae_jax.checkpointing import load_params
   mae, _ = load_params(pretrained)
-  # Started from the pretrained encoder: drop path and the optimizer moved it, but little.
-  assert set(state["params"]) == {"encoder", "fc_norm", "head"}
-  assert "norm" not in state["params"]["encoder"]  # global pool: fc_norm instead
+  # The start: the pretrained encoder's weights, the sin-cos table as pos_embed, no final
+  # norm (global pool: fc_norm instead).
+  task = make_task(finetune_config(demo_dir, pretrained))
+  start, _ = task.apply_init(task.load_init(pretrained), *task.init(jax.random.key(0)))
+  assert set(start["encoder"]) == set(mae["encoder"]) - {"norm"} | {"pos_embed"}
+  for k, v in mae["encoder"].items():
+    if k != "norm":
+      jax.tree.map(np.testing.assert_array_equal, start["encoder"][k], v)
+  np.testing.assert_array_equal(start["encoder"]["pos_embed"],
+                                sincos_2d(64, 4, cls_token=True)[None])
+  workdir = str(tmp_path / "ft")
+  state = train_and_evaluate(finetune_config(demo_dir, pretrained), workdir)
   # Stopped at step 2 and resumed, it ends bitwise where the uninterrupted run did
   # (Mixup / CutMix and drop path come from the step's rng).
   resumed_dir = str(tmp_path / "resumed")
@@ -318,7 +325,6 @@ def test_finetune_resumes_bitwise_and_keeps_the_best_checkpoint(tmp_path, demo_d
                      evaluated)
   results = json.load(open(os.path.join(evaluated, "results.json")))
   assert results["classification/top1"] == top1[best_step]
-  del mae
 
 
 @pytest.mark.parametrize("extra, error, match", [
