@@ -306,3 +306,28 @@ def test_visualize_writes_a_grid_from_a_workdir_and_an_official_file(tmp_path, p
                        cwd=ROOT, capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-2000:]
   assert Image.open(out2).size == (4 * 34 + 2, 2 * 34 + 2)
+
+
+def test_probe_head_is_batchnorm_then_linear_as_the_reference(demo_dir):
+  """One loss evaluation against numpy: BatchNorm1d(affine=False, eps 1e-6) with the batch's
+  biased variance, a linear layer, cross-entropy; running statistics updated like PyTorch's
+  (momentum 0.1, unbiased variance); evaluation uses the running statistics."""
+  task = make_task(probe_config(demo_dir, "random"))
+  params, model_state = task.init(jax.random.key(0))
+  params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape),
+                        params)
+  images = jax.random.normal(jax.random.key(2), (6, 32, 32, 3))
+  labels = jnp.array([0, 1, 2, 3, 4, 5])
+  loss, aux = task.loss_fn(params, model_state, {"image": images, "label": labels},
+                           jax.random.key(3))
+  x = np.asarray(features(model_state["encoder"], images, task.encoder, "cls"), np.float64)
+  w, b = (np.asarray(params["head"][k], np.float64) for k in ("kernel", "bias"))
+  logits = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-6) @ w + b
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  np.testing.assert_allclose(loss, -logp[np.arange(6), labels].mean(), rtol=1e-5)
+  stats = aux.model_state["batch_stats"]
+  np.testing.assert_allclose(stats["mean"], 0.1 * x.mean(0), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * x.var(0, ddof=1), rtol=1e-5)
+  got = task.logits(params, aux.model_state, images)
+  want = (x - 0.1 * x.mean(0)) / np.sqrt(0.9 + 0.1 * x.var(0, ddof=1) + 1e-6) @ w + b
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
