@@ -23,23 +23,12 @@ from mae_jax.mae import features
 from mae_jax.tasks import make_task
 from mae_jax.trainer import abstract_state, train_and_evaluate
 
-from test_train import config_with
+from test_train import config_with, set_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The encoder of test_train's tiny demo MAE, as a ViTConfig.
 ENCODER = dict(image_size=32, patch_size=8, channels=3, width=64, depth=2, num_heads=4,
                mlp_ratio=4.0, layer_norm_eps=1e-6, dtype="float32")
-
-
-def set_fields(config, **fields):
-  config = config.unlock()
-  for key, value in fields.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config.lock()
 
 
 def probe_config(demo_dir, init_from, **extra):

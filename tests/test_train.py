@@ -35,15 +35,20 @@ OVERRIDES = {
 NO_RECON = {"evals.reconstruction.every_steps": -1}
 
 
-def config_with(demo_dir, **extra):
-  config = demo.get_config().unlock()
-  for key, value in {**OVERRIDES, "input.data_dir": demo_dir, **extra}.items():
+def set_fields(config, **fields):
+  """A copy of the locked config with dotted fields ('model.width') set."""
+  config = config.unlock()
+  for key, value in fields.items():
     node = config
     *parents, leaf = key.split(".")
     for p in parents:
       node = node[p]
     node[leaf] = value
   return config.lock()
+
+
+def config_with(demo_dir, **extra):
+  return set_fields(demo.get_config(), **{**OVERRIDES, "input.data_dir": demo_dir, **extra})
 
 
 def main_command(workdir, demo_dir, **extra):
