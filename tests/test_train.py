@@ -14,12 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from grain.experimental import index_shuffle
 
 from configs import base, demo
 from mae_jax import mae_apply, optim, sharding
 from mae_jax.checkpointing import load_params
 from mae_jax.data import demo as demo_data
-from mae_jax.data import pipeline
+from mae_jax.data import pipeline, transforms
 from mae_jax.tasks.pretrain import PretrainTask, model_config_from
 from mae_jax.trainer import (abstract_state, create_state, make_train_step,
                              plan_and_optimizer, train_and_evaluate)
@@ -371,23 +372,54 @@ def free_port():
     return s.getsockname()[1]
 
 
+def host_records(num_records, host, hosts, seed, count):
+  """(record, sampler index) of the first `count` records a host reads, by grain's rule for
+  IndexSampler(shuffle=True, ShardOptions(host, hosts, drop_remainder=True)), written out:
+  the host owns records [host * S, (host + 1) * S), S = num_records // hosts, visited in
+  epoch e in the order of grain's index_shuffle with seed + e; its k-th record has sampler
+  index host + k * hosts, whose augmentation rng is Philox(seed + that index)."""
+  size = num_records // hosts
+  out = []
+  for k in range(count):
+    epoch, i = divmod(k, size)
+    record = host * size + index_shuffle(i, max_index=size - 1, seed=seed + epoch, rounds=4)
+    out.append((record, seed + host + k * hosts))
+  return out
+
+
+def augmented(source, config, records):
+  """[len(records), H, W, 3]: each record decoded and augmented with its rng (no skips:
+  every demo image decodes)."""
+  crop = transforms.RandomResizedCrop(config.model.image_size, tuple(config.input.crop_scale),
+                                      tuple(config.input.crop_ratio))
+  flip, decode = transforms.RandomHorizontalFlip(), transforms.DecodeImage()
+  normalize = transforms.Normalize(tuple(config.input.mean), tuple(config.input.std))
+  images = []
+  for record, index in records:
+    rng = np.random.Generator(np.random.Philox(key=index))
+    element = flip.random_map(crop.random_map(decode.map(source[record]), rng), rng)
+    images.append(normalize.map(element)["image"])
+  return np.stack(images)
+
+
 def two_host_reference(config, steps):
-  """The same run in this one process: the global batch is host 0's batch then host 1's."""
+  """The same run in this one process, fed the records each host must read: the global
+  batch is host 0's records then host 1's."""
   task = PretrainTask(config)
-  model = task.model
   source = pipeline.make_source(config.input, config.input.split)
-  _, schedule, tx = plan_and_optimizer(config, task, len(source))
+  plan, schedule, tx = plan_and_optimizer(config, task, len(source))
   mesh = sharding.make_mesh(config.fsdp)
   state = create_state(task, tx, jax.random.key(config.seed), mesh)
   step = make_train_step(task, tx, schedule, mesh, abstract_state(task, tx), seed=config.seed)
-  hosts = [iter(pipeline.make_train_loader(config.input, image_size=model.image_size,
-                                           global_batch_size=config.batch_size,
-                                           seed=config.seed, process_index=i, process_count=2))
-           for i in range(2)]
-  for _ in range(steps):
-    images = np.concatenate([next(host)["image"] for host in hosts])
+  per_host = config.batch_size // 2
+  hosts = [host_records(len(source), h, 2, config.seed, steps * per_host) for h in range(2)]
+  assert len(source) == 320 and {r for r, _ in hosts[0]} <= set(range(160))
+  assert {r for r, _ in hosts[1]} <= set(range(160, 320))
+  for i in range(steps):
+    images = np.concatenate([augmented(source, config, h[i * per_host:(i + 1) * per_host])
+                             for h in hosts])
     state, _ = step(state, {"image": jax.device_put(images, sharding.batch_sharding(mesh))})
-  return jax.device_get(state["params"])
+  return jax.device_get(state["params"]), plan
 
 
 def test_two_processes_on_localhost_agree(tmp_path, demo_dir):
@@ -413,6 +445,9 @@ def test_two_processes_on_localhost_agree(tmp_path, demo_dir):
   assert latest_step(workdir) == 4
   # Each host fed its own shard and the collectives summed them right: the checkpoint equals
   # one process training on the two hosts' batches side by side.
-  want = two_host_reference(config_with(demo_dir), 4)
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  want, plan = two_host_reference(config_with(demo_dir), 4)
+  # Observed: 1-2 float32 ulps of the params (at most 1.6e-4 x lr); fed other records, the
+  # params move apart by ~lr.
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(want)):
+    np.testing.assert_allclose(without_key_bias(path, a), without_key_bias(path, b), rtol=0,
+                               atol=2e-3 * plan.peak_lr, err_msg=jax.tree_util.keystr(path))
