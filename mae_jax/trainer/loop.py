@@ -25,8 +25,8 @@ import ml_collections
 
 from mae_jax import checkpointing, evals, metrics as metrics_lib, sharding, tasks
 from mae_jax.data import pipeline
-from mae_jax.trainer.setup import (Plan, check_resumable, checkpoint_config, plan_run,
-                                   run_signature)
+from mae_jax.trainer.setup import (Plan, check_resumable, checkpoint_config,
+                                   plan_and_optimizer, run_signature)
 from mae_jax.trainer.step import State, abstract_state, check_batch, create_state, \
     make_train_step
 
@@ -91,14 +91,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     raise ValueError(f"workdir {workdir!r} must be a directory path on a filesystem every host "
                      "sees (for a bucket, mount it, e.g. with gcsfuse)")
   source = task.train_source()
-  plan = plan_run(config, len(source))
+  plan, schedule, tx = plan_and_optimizer(config, task, len(source))
   run = run_signature(config, plan, task)
   saved = checkpointing.read_saved_run(workdir)
   if saved is not None:
     check_resumable(workdir, saved, task, run, plan)
   init_from = config.get("init_from")
   loaded = task.load_init(init_from) if init_from and saved is None else None
-  schedule, tx = task.optimizer(plan.peak_lr, plan.warmup_steps, plan.total_steps)
   loader = task.train_loader(source)
   mesh = sharding.make_mesh(config.fsdp)
   evaluators = evals.make_evaluators(config, task, mesh)
