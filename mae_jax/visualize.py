@@ -1,8 +1,11 @@
-"""Reconstruction grids: original | masked | reconstruction | reconstruction + visible."""
+"""Reconstruction grids: original | masked | reconstructions | reconstruction + visible,
+with column titles, upscaled for display."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from mae_jax.config import ModelConfig
 from mae_jax.mae import MAEOutput
@@ -35,15 +38,36 @@ def reconstruction_panels(images: np.ndarray, out: MAEOutput, config: ModelConfi
   return np.clip(pixels * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
-def grid_image(panels: np.ndarray, pad: int = 2) -> np.ndarray:
-  """[B, 4, H, W, C] uint8 -> one [B*(H+pad), 4*(W+pad), C] image, a row per example."""
-  b, k, h, w, c = panels.shape
-  canvas = np.full((b * (h + pad) + pad, k * (w + pad) + pad, c), 255, np.uint8)
-  for i in range(b):
-    for j in range(k):
-      y, x = pad + i * (h + pad), pad + j * (w + pad)
-      canvas[y:y + h, x:x + w] = panels[i, j]
-  return canvas
+def display_scale(size: int, target: int = 192) -> int:
+  """The integer upscaling that shows a `size`-pixel image at about `target` pixels."""
+  return max(1, round(target / size))
+
+
+def grid_image(columns: Sequence[np.ndarray], titles: Sequence[str], scale: int = 1,
+               pad: int = 2) -> np.ndarray:
+  """Titled columns of images -> one uint8 [H', W', C] image, a row per example.
+
+  columns: each [B, H, W, C] uint8, upscaled `scale` times (nearest neighbour, so patch
+  edges stay sharp); titles: one per column, written above it (PIL's default font).
+  """
+  if len(columns) != len(titles):
+    raise ValueError(f"{len(columns)} columns but {len(titles)} titles")
+  b, h, w, c = columns[0].shape
+  h, w = h * scale, w * scale
+  title_h = 16
+  canvas = np.full((title_h + b * (h + pad) + pad, len(columns) * (w + pad) + pad, c), 255,
+                   np.uint8)
+  for j, column in enumerate(columns):
+    big = column.repeat(scale, axis=1).repeat(scale, axis=2)  # [B, h, w, C]
+    x = pad + j * (w + pad)
+    for i in range(b):
+      y = title_h + pad + i * (h + pad)
+      canvas[y:y + h, x:x + w] = big[i]
+  image = Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas)
+  draw = ImageDraw.Draw(image)
+  for j, title in enumerate(titles):
+    draw.text((pad + j * (w + pad) + 2, 2), title, fill=0 if c == 1 else (0,) * c)
+  return np.asarray(image).reshape(canvas.shape)
 
 
 def save_png(path: str, image: np.ndarray) -> None:
