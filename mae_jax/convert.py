@@ -562,12 +562,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"model config override ({kind.__name__})")
   args = parser.parse_args(argv)
   if os.path.exists(args.dst):
-    parser.error(f"{args.dst} exists; refusing to overwrite it")
+    parser.exit(1, f"error: {args.dst} exists; refusing to overwrite it\n")
   overrides = {k: getattr(args, k) for k in FIELDS if getattr(args, k) is not None}
   try:
     config = (model_config(args.variant or "B/16", **overrides)
               if args.variant or overrides else None)
-    params, config = load_pretrained(args.src, config)
+    src = args.src
+    if (checkpointing.is_orbax_dir(src)
+        and not os.path.isdir(os.path.join(src, "config"))):  # a workdir: its newest step
+      src = checkpointing.latest_step_dir(src)
+      print(f"reading step {os.path.basename(src)} of {args.src}")
+    params, config = load_pretrained(src, config)
   except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
     parser.exit(1, f"error: {e}\n")
   checkpointing.save_params(args.dst, params, config)
