@@ -35,7 +35,8 @@ def check_images(images: jax.Array, config: ModelConfig | ViTConfig) -> None:
   _, h, w, c = images.shape
   if c != config.channels:
     raise ValueError(f"images have {c} channel{'s' * (c != 1)}, the config expects "
-                     f"{config.channels} (images must be NHWC)")
+                     f"{config.channels} channel{'s' * (config.channels != 1)} "
+                     "(images must be NHWC)")
   if (h, w) != (config.image_size, config.image_size):
     raise ValueError(f"images are {h}x{w}, the config expects "
                      f"{config.image_size}x{config.image_size}")
