@@ -562,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"model config override ({kind.__name__})")
   args = parser.parse_args(argv)
   if os.path.exists(args.dst):
-    parser.exit(1, f"error: {args.dst} exists; refusing to overwrite it\n")
+    parser.exit(2, f"error: {args.dst} exists; refusing to overwrite it\n")  # as argparse
   overrides = {k: getattr(args, k) for k in FIELDS if getattr(args, k) is not None}
   try:
     config = (model_config(args.variant or "B/16", **overrides)
