@@ -15,13 +15,14 @@ from PIL import Image
 
 from configs import digits, linear_probe
 from mae_jax import encode, optim
-from mae_jax.checkpointing import TrainCheckpointer, load_params
+from mae_jax.checkpointing import load_params
 from mae_jax.data import pipeline, sources
 from mae_jax.evals.common import accuracies, topk_correct
 from mae_jax.evals.knn import knn_scores
 from mae_jax.mae import features
 from mae_jax.tasks import make_task
-from mae_jax.trainer import abstract_state, train_and_evaluate
+from mae_jax.trainer import train_and_evaluate
+from mae_jax.visualize import display_scale
 
 from test_train import config_with, set_fields
 
@@ -275,8 +276,9 @@ def test_visualize_writes_a_grid_from_a_workdir_and_an_official_file(tmp_path, p
   run = subprocess.run(cmd + [pretrained, out, "--images", str(images), "--mask_ratio", "0.5"],
                        cwd=ROOT, capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-2000:]
-  # 3 rows of 4 panels of 32 px, 2 px apart: (3 * 34 + 2) x (4 * 34 + 2).
-  assert Image.open(out).size == (4 * 34 + 2, 3 * 34 + 2)
+  # 3 rows of 4 panels of 32 px shown 6x (192 px), 2 px apart, under a 16 px title row.
+  side = 32 * display_scale(32)
+  assert side == 192 and Image.open(out).size == (4 * (side + 2) + 2, 16 + 3 * (side + 2) + 2)
   again = subprocess.run(cmd + [pretrained, out, "--images", str(images)], cwd=ROOT,
                          capture_output=True, text=True)
   assert again.returncode == 1 and "refusing to overwrite" in again.stderr
@@ -294,7 +296,7 @@ def test_visualize_writes_a_grid_from_a_workdir_and_an_official_file(tmp_path, p
   run = subprocess.run(cmd + [pth, out2, "--images", str(images), "--num_images", "2"],
                        cwd=ROOT, capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-2000:]
-  assert Image.open(out2).size == (4 * 34 + 2, 2 * 34 + 2)
+  assert Image.open(out2).size == (4 * (side + 2) + 2, 16 + 2 * (side + 2) + 2)
 
 
 def test_probe_head_is_batchnorm_then_linear_as_the_reference(demo_dir):

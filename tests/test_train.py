@@ -4,7 +4,6 @@ import json
 import re
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -363,12 +362,6 @@ def test_stop_before_the_saved_step_is_refused(tmp_path, demo_dir):
     train_and_evaluate(config_with(demo_dir, stop_at_step=2, **NO_RECON), workdir)
 
 
-def free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def host_records(num_records, host, hosts, seed, count):
   """(record, sampler index) of the first `count` records a host reads, by grain's rule for
   IndexSampler(shuffle=True, ShardOptions(host, hosts, drop_remainder=True)), written out:
@@ -421,18 +414,17 @@ def two_host_reference(config, steps):
 
 def test_two_processes_on_localhost_agree(tmp_path, demo_dir):
   workdir = str(tmp_path / "run")
-  port = free_port()
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu"}
-  procs = [subprocess.Popen(
-      main_command(workdir, demo_dir, stop_at_step=4) +
-      [f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
-       "--cpu_collectives=gloo"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  outputs = [p.communicate(timeout=400)[0] for p in procs]
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-4000:]
+  env = {**os.environ, "NUM_PROCESSES": "2", "FAKE_DEVICES": "4", "TMPDIR": str(tmp_path)}
+  flags = [f for f in main_command(workdir, demo_dir, stop_at_step=4)[3:]
+           if not f.startswith("--workdir=")]
+  proc = subprocess.run(["launch/local.sh", workdir, *flags], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=400)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  logs = re.search(r"processes 1-1 log to (\S+)", proc.stderr).group(1)
+  # The console shows process 0 without Gloo's chatter; process 1 writes to its log.
+  outputs = [proc.stdout + proc.stderr, open(os.path.join(logs, "process_1.log")).read()]
+  assert "[Gloo]" not in outputs[0] and "[Gloo]" in outputs[1]
+  assert "process 1/2" not in outputs[0]
   assert "process 0/2, 4 local / 8 global devices" in outputs[0]
   assert "process 1/2, 4 local / 8 global devices" in outputs[1]
   progress = [re.findall(r"step \d+/\d+ loss \S+ lr \S+ gnorm \S+", out) for out in outputs]
