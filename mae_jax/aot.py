@@ -244,9 +244,10 @@ def format_report(r: Report, model: str) -> str:
         f"  program                 {gib(m.generated_code_size_in_bytes)}"]
   lines.append(f"  total                   {summary(r)}")
   if r.flops_per_chip:
-    ideal = (f", at least {r.flops_per_chip / r.peak_flops * 1e3:.1f} ms at the chip's "
+    ideal = (f", at least {r.flops_per_chip / r.peak_flops * 1e3:.3g} ms at the chip's "
              f"{r.peak_flops / 1e12:.0f} TFLOP/s peak" if r.peak_flops else "")
-    lines.append(f"  model FLOPs per step    {r.flops_per_chip / 1e12:.3f} TFLOP{ideal}")
+    unit, scale = ("TFLOP", 1e12) if r.flops_per_chip >= 1e12 else ("GFLOP", 1e9)
+    lines.append(f"  model FLOPs per step    {r.flops_per_chip / scale:.3g} {unit}{ideal}")
   return "\n".join(lines)
 
 
