@@ -3,7 +3,7 @@
     python -m mae_jax.aot --config=configs/base.py:variant=L/16 --config.fsdp=4 \
         --config.batch_size=4096 --topology=v5p-128 [--find_max_batch]
 
-takes the config and overrides of `mae_jax.main`, compiles the configured task's exact train
+takes the command line of `mae_jax.main`, compiles the configured task's exact train
 step (its optimizer, accumulation, shardings and donation) for the slice's chips with
 libtpu's compile-only devices, and prints per chip: parameter, optimizer-state, batch and
 temporary memory, the total against the chip's HBM, and the model FLOPs of a step.
@@ -253,8 +253,8 @@ def format_report(r: Report, model: str) -> str:
 
 def model_name(task: tasks.Task) -> str:
   m = task.model_dict()
-  return (f"{task.name} ViT width {m['width']} depth {m['depth']} patch {m['patch_size']} "
-          f"({m['image_size']} px, {m['dtype']})")
+  shown = ("width", "depth", "patch_size", "image_size", "dtype")
+  return f"{task.name} ({', '.join(f'{k} {m[k]}' for k in shown if k in m)})"
 
 
 config_flags.DEFINE_config_file("config", None, "Training config file (ml_collections), as "
@@ -265,6 +265,8 @@ flags.DEFINE_bool("find_max_batch", False, "Bisect the largest per-chip batch th
                   "starting from config.batch_size / chips.")
 flags.DEFINE_integer("batch_resolution", 8, "--find_max_batch stops when the largest batch "
                      "is known to within this many images per chip.")
+flags.DEFINE_string("workdir", None, "Ignored: accepted so that a mae_jax.main command line "
+                    "plans its run by adding --topology. Nothing is read or written.")
 flags.mark_flags_as_required(["config", "topology"])
 FLAGS = flags.FLAGS
 

@@ -250,9 +250,12 @@ def test_compile_for_v5e_matches_the_arrays():
 
 
 @needs_libtpu
-def test_cli_report():
-  out = aot_cli("--topology=v5litepod-4", "--config.fsdp=2")
+def test_cli_report(tmp_path):
+  """mae_jax.main's command line (--workdir included, unused) plus --topology."""
+  workdir = tmp_path / "run"
+  out = aot_cli("--topology=v5litepod-4", "--config.fsdp=2", f"--workdir={workdir}")
   assert out.returncode == 0, out.stderr[-3000:]
+  assert not workdir.exists()
   assert "on v5e:2x2 (4 chips), fsdp 2, 8 images per chip (global batch 32)" in out.stdout
   assert "of 16.00 GiB: fits" in out.stdout and "model FLOPs per step" in out.stdout
   for line in ("parameters", "optimizer state", "activations/temporaries", "total"):
