@@ -201,7 +201,7 @@ def test_a_finished_run_says_only_that_there_is_nothing_to_train(finished_run, d
   with caplog.at_level(logging.INFO, logger="mae_jax"):
     train_and_evaluate(config_with(demo_dir, stop_at_step=4), workdir)
   assert [r.getMessage() for r in caplog.records] == [
-      f"{workdir} is already at step 4: nothing to train"]
+      f"resumed from step 4 in {workdir}", f"{workdir} is already at step 4: nothing to train"]
 
 
 def test_convert_errors_are_one_line_and_a_workdir_names_its_step(finished_run, tmp_path,
