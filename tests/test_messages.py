@@ -1,5 +1,6 @@
 """What a user sees: one-line errors for user mistakes (exit 1, nothing written), help, the
 progress line, the end-of-run summary and the before/after reconstruction grid."""
+import json
 import logging
 import os
 import subprocess
@@ -69,6 +70,20 @@ def test_local_launcher_resolves_a_relative_workdir_against_the_caller(tmp_path,
   assert error_lines(proc.stderr) == [
       f"error: workdir '{tmp_path}/run' must be a directory path on a filesystem every host "
       "sees (for a bucket, mount it, e.g. with gcsfuse)"]
+
+
+def test_only_our_own_checks_lose_their_traceback():
+  from mae_jax import main
+
+  def raised(fn):
+    try:
+      fn()
+    except Exception as e:  # noqa: BLE001 (any error, to classify it)
+      return e
+
+  assert main.is_check(raised(lambda: model_config("X/9")))  # a check in mae_jax: one line
+  assert not main.is_check(raised(lambda: json.loads("{")))  # a ValueError in a library
+  assert not main.is_check(raised(lambda: {}["key"]))  # a bug
 
 
 def test_mae_apply_needs_exactly_one_of_rng_and_noise():
@@ -186,7 +201,7 @@ def test_a_finished_run_says_only_that_there_is_nothing_to_train(finished_run, d
   with caplog.at_level(logging.INFO, logger="mae_jax"):
     train_and_evaluate(config_with(demo_dir, stop_at_step=4), workdir)
   assert [r.getMessage() for r in caplog.records] == [
-      f"{workdir} is already at step 4: nothing to train"]
+      f"resumed from step 4 in {workdir}", f"{workdir} is already at step 4: nothing to train"]
 
 
 def test_convert_errors_are_one_line_and_a_workdir_names_its_step(finished_run, tmp_path,
