@@ -194,8 +194,8 @@ def test_fsdp_matches_data_parallel_on_params_and_optimizer_state():
   counts = [(p, x) for p, x in jax.tree_util.tree_leaves_with_path(fs)
             if jax.tree_util.keystr(p).endswith(("count", "['step']"))]
   assert len(counts) == 3 and all(int(x) == 3 for _, x in counts), counts
-  # Moments: observed within 5e-7 of each leaf's largest value. Params: within 4e-3 x lr
-  # (each step moves a parameter by up to ~lr; float32 rounding of the params is 1e-4 x lr).
+  # Observed: moments within 5e-7 of each leaf's largest value; params within 4e-3 x lr (a
+  # step moves a parameter by up to ~lr; float32 rounding of the params is 1e-4 x lr).
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(dp["opt_state"]),
                           jax.tree.leaves(fs["opt_state"])):
     np.testing.assert_allclose(b, a, rtol=0, atol=5e-6 * np.abs(a).max(),
