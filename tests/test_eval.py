@@ -195,27 +195,30 @@ def test_knn_votes_by_hand():
                              rtol=1e-6)
 
 
-def run_knn(tmp_path, name, init_from):
-  config = set_fields(digits.get_config("task=knn"), init_from=init_from)
-  train_and_evaluate(config, str(tmp_path / name))
-  return json.load(open(tmp_path / name / "results.json"))
+def run_digits(workdir, arg, *flags):
+  """`python -m mae_jax.main --config=configs/digits.py:ARG` as documented: one process on
+  one CPU device (8 fake devices would slow this tiny model several times); its results."""
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  run = subprocess.run([sys.executable, "-m", "mae_jax.main", f"--config=configs/digits.py:{arg}",
+                        f"--workdir={workdir}", *flags], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr[-3000:]
+  return json.load(open(os.path.join(workdir, "results.json")))
 
 
 def test_pretraining_on_digits_beats_a_random_encoder(tmp_path):
   """The README's digits claim at a smaller budget: after 600 steps of MAE pretraining the
   encoder's kNN accuracy clearly beats the same encoder at its random init (measured here:
   0.825 vs 0.747; 1500 steps, the documented run, reach 0.917)."""
-  config = set_fields(digits.get_config("steps=600"), **{
-      "evals.reconstruction.every_steps": -1, "evals.knn.every_steps": 0})
   mae = str(tmp_path / "mae")
-  train_and_evaluate(config, mae)
-  pretrained = json.load(open(os.path.join(mae, "results.json")))
-  random = run_knn(tmp_path, "random", "random")
+  pretrained = run_digits(mae, "steps=600", "--config.evals.reconstruction.every_steps=-1",
+                          "--config.evals.knn.every_steps=0")
+  random = run_digits(str(tmp_path / "random"), "task=knn", "--config.init_from=random")
   assert random["knn/count"] == pretrained["knn/count"] == 360  # every test digit, once
   assert 0.3 < random["knn/top1"] <= random["knn/top5"]  # random features: above chance
   assert pretrained["knn/top1"] > random["knn/top1"] + 0.04
   # configs/knn.py on the restored workdir computes exactly what the evaluator did in training.
-  restored = run_knn(tmp_path, "restored", mae)
+  restored = run_digits(str(tmp_path / "restored"), "task=knn", f"--config.init_from={mae}")
   assert restored["knn/top1"] == pretrained["knn/top1"]
 
 
