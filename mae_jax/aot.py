@@ -257,17 +257,22 @@ def model_name(task: tasks.Task) -> str:
   return f"{task.name} ({', '.join(f'{k} {m[k]}' for k in shown if k in m)})"
 
 
-config_flags.DEFINE_config_file("config", None, "Training config file (ml_collections), as "
-                                "for mae_jax.main.", lock_config=True)
-flags.DEFINE_string("topology", None, "TPU slice: an accelerator type (v4-32, v5p-128, "
-                    "v5litepod-16, v6e-8) or a topology shape (v5e:4x4, v5p:2x2x1).")
-flags.DEFINE_bool("find_max_batch", False, "Bisect the largest per-chip batch that fits, "
-                  "starting from config.batch_size / chips.")
-flags.DEFINE_integer("batch_resolution", 8, "--find_max_batch stops when the largest batch "
-                     "is known to within this many images per chip.")
-flags.DEFINE_string("workdir", None, "Ignored: accepted so that a mae_jax.main command line "
-                    "plans its run by adding --topology. Nothing is read or written.")
-flags.mark_flags_as_required(["config", "topology"])
+def define_flags() -> None:
+  """The command line's flags; defined only when this module runs as the program (see
+  mae_jax.main.define_flags)."""
+  config_flags.DEFINE_config_file("config", None, "Training config file (ml_collections), as "
+                                  "for mae_jax.main.", lock_config=True)
+  flags.DEFINE_string("topology", None, "TPU slice: an accelerator type (v4-32, v5p-128, "
+                      "v5litepod-16, v6e-8) or a topology shape (v5e:4x4, v5p:2x2x1).")
+  flags.DEFINE_bool("find_max_batch", False, "Bisect the largest per-chip batch that fits, "
+                    "starting from config.batch_size / chips.")
+  flags.DEFINE_integer("batch_resolution", 8, "--find_max_batch stops when the largest batch "
+                       "is known to within this many images per chip.")
+  flags.DEFINE_string("workdir", None, "Ignored: accepted so that a mae_jax.main command line "
+                      "plans its run by adding --topology. Nothing is read or written.")
+  flags.mark_flags_as_required(["config", "topology"])
+
+
 FLAGS = flags.FLAGS
 
 
@@ -300,4 +305,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -20,25 +20,30 @@ from ml_collections import config_flags
 
 from mae_jax import trainer
 
-config_flags.DEFINE_config_file("config", None, "Training config file (ml_collections), e.g. "
-                                "configs/demo.py; fields by --config.<field>=<value>.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and images go; a run in an "
-                    "existing workdir resumes from its newest checkpoint.")
-flags.DEFINE_bool("print_config", False, "Print the config (every field, with the overrides "
-                  "applied) and exit.")
-flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() (multi-host).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
-flags.DEFINE_string("cpu_collectives", None, "CPU collectives implementation for multi-process "
-                    "CPU runs, e.g. 'gloo'.")
 FLAGS = flags.FLAGS
 
 HELP_FLAGS = {"--help": True, "-help": True, "-h": True, "-?": True, "--helpshort": True,
               "--helpfull": False}
 PACKAGE_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   name) + os.sep for name in ("mae_jax", "configs"))
+
+
+def define_flags() -> None:
+  """The command line's flags; defined only when this module runs as the program, so that
+  importing it (and mae_jax.aot, which shares flag names) stays side-effect free."""
+  config_flags.DEFINE_config_file("config", None, "Training config file (ml_collections), e.g. "
+                                  "configs/demo.py; fields by --config.<field>=<value>.",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and images go; a run in an "
+                      "existing workdir resumes from its newest checkpoint.")
+  flags.DEFINE_bool("print_config", False, "Print the config (every field, with the overrides "
+                    "applied) and exit.")
+  flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() (multi-host).")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+  flags.DEFINE_integer("process_id", None, "This process's id (multi-host).")
+  flags.DEFINE_string("cpu_collectives", None, "CPU collectives implementation for multi-process "
+                      "CPU runs, e.g. 'gloo'.")
 
 
 def fail(message: str) -> NoReturn:
@@ -119,4 +124,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=parse_flags)

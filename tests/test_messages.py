@@ -215,3 +215,9 @@ def test_convert_errors_are_one_line_and_a_workdir_names_its_step(finished_run, 
   assert out.out == "" and out.err == f"error: {tmp_path}/taken exists; refusing to overwrite it\n"
   assert convert.main([workdir, str(tmp_path / "params")]) == 0
   assert capsys.readouterr().out.startswith(f"reading step 4 of {workdir}\nwrote ")
+
+
+def test_both_command_lines_import_into_one_process():
+  import importlib
+  for name in ("mae_jax.aot", "mae_jax.main"):  # each defines --config only when run
+    importlib.import_module(name)
