@@ -6,8 +6,10 @@
 #   NUM_PROCESSES=2 FAKE_DEVICES=4 launch/local.sh WORKDIR --config=configs/demo.py
 #
 # FAKE_DEVICES splits the CPU into that many devices per process (to try sharding code).
+# With several processes, the console shows process 0; the others log to a temporary folder.
 set -euo pipefail
 workdir=${1:?WORKDIR}; shift
+[[ "$workdir" == /* ]] || workdir="$PWD/$workdir"  # relative to the caller, not to the repo
 [[ $# -gt 0 ]] || set -- --config=configs/demo.py
 cd "$(dirname "$0")/.."
 if [[ -n "${FAKE_DEVICES:-}" ]]; then
@@ -19,13 +21,27 @@ if [[ "$n" == 1 ]]; then
 fi
 export JAX_PLATFORMS=cpu
 port=$(python -c 'import socket; s=socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')
+# Process 0 on the console, without the collectives' connection chatter ("[Gloo] Rank 0 is
+# connected to ..."); the others into log files.
+logs=$(mktemp -d "${TMPDIR:-/tmp}/mae_jax_local.XXXXXX")
+echo "processes 1-$((n - 1)) log to $logs" >&2
 pids=()
 for ((i = 0; i < n; i++)); do
-  python -m mae_jax.main --workdir="$workdir" --coordinator_address="localhost:$port" \
-    --num_processes="$n" --process_id="$i" --cpu_collectives=gloo "$@" &
+  cmd=(python -m mae_jax.main --workdir="$workdir" --coordinator_address="localhost:$port"
+       --num_processes="$n" --process_id="$i" --cpu_collectives=gloo "$@")
+  if ((i == 0)); then
+    "${cmd[@]}" > >(grep -v --line-buffered '^\[Gloo\]') &
+  else
+    "${cmd[@]}" > "$logs/process_$i.log" 2>&1 &
+  fi
   pids+=($!)
 done
 trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM INT
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+for ((i = 0; i < n; i++)); do
+  wait "${pids[$i]}" && continue
+  code=$?
+  ((status)) || status=$code
+  ((i == 0)) || echo "process $i failed (exit $code); its log: $logs/process_$i.log" >&2
+done
 exit $status

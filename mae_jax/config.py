@@ -22,10 +22,6 @@ VARIANTS: dict[str, dict[str, int]] = {
 DTYPES = ("float32", "bfloat16")
 
 
-ENCODER_FIELDS = ("image_size", "patch_size", "channels", "width", "depth", "num_heads",
-                  "mlp_ratio", "layer_norm_eps", "dtype")
-
-
 def _check_positive_ints(config, names) -> None:
   for name in names:
     value = getattr(config, name)
@@ -89,35 +85,30 @@ class ViTConfig:
     return dataclasses.asdict(self)
 
 
+ENCODER_FIELDS = tuple(f.name for f in dataclasses.fields(ViTConfig))
+
+
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Architecture of an MAE: ViT encoder, lightweight decoder, masking and loss options.
+class ModelConfig(ViTConfig):
+  """Architecture of an MAE: a ViT encoder (the ViTConfig fields it extends), the lightweight
+  decoder, masking and loss options.
 
-  Flat, as `model_config` takes it and as checkpoints store it; `.encoder` is the ViTConfig
-  part (the ENCODER_FIELDS), checked by ViTConfig itself. Registered as a static pytree
-  (no leaves), so it may be passed positionally through `jax.jit` or `jax.eval_shape` as
-  well as as a static argument.
+  Flat, as `model_config` takes it and as checkpoints store it; `.encoder` is its ViTConfig
+  part alone, what a classifier on this encoder carries. Registered as a static pytree (no
+  leaves), so it may be passed positionally through `jax.jit` or `jax.eval_shape` as well as
+  as a static argument.
   """
 
-  image_size: int = 224
-  patch_size: int = 16
-  channels: int = 3
-  width: int = 768
-  depth: int = 12
-  num_heads: int = 12
-  mlp_ratio: float = 4.0
   decoder_width: int = 512
   decoder_depth: int = 8
   decoder_num_heads: int = 16
   mask_ratio: float = 0.75
   norm_pix_loss: bool = True
-  layer_norm_eps: float = 1e-6
-  dtype: str = "float32"  # activation dtype; parameters are always float32
   encoder_mask_tokens: bool = False  # the paper's ablation: encoder sees mask tokens too
 
   def __post_init__(self):
-    self.encoder  # checks the encoder's fields
+    super().__post_init__()
     _check_positive_ints(self, ("decoder_width", "decoder_depth", "decoder_num_heads"))
     if not 0.0 <= self.mask_ratio < 1.0:
       raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
@@ -135,11 +126,6 @@ class ModelConfig:
     """The encoder's own config: what a classifier built on this MAE's encoder carries."""
     return ViTConfig(**{name: getattr(self, name) for name in ENCODER_FIELDS})
 
-  grid_size = property(lambda self: self.encoder.grid_size)
-  num_patches = property(lambda self: self.encoder.num_patches)
-  patch_dim = property(lambda self: self.encoder.patch_dim)
-  mlp_dim = property(lambda self: self.encoder.mlp_dim)
-
   @property
   def num_visible(self) -> int:
     """Patches kept per image: int(N * (1 - mask_ratio)), the reference's rule."""
@@ -149,12 +135,8 @@ class ModelConfig:
   def decoder_mlp_dim(self) -> int:
     return int(self.decoder_width * self.mlp_ratio)
 
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
 
 FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
-assert set(ENCODER_FIELDS) <= set(FIELDS)
 
 
 def model_config(variant: str = "B/16", **overrides: Any) -> ModelConfig:

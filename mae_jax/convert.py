@@ -477,9 +477,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   add_config_flags(parser)
   args = parser.parse_args(argv)
   if os.path.exists(args.dst):
-    parser.error(f"{args.dst} exists; refusing to overwrite it")
+    parser.exit(2, f"error: {args.dst} exists; refusing to overwrite it\n")  # as argparse
   try:
-    params, config = load_pretrained(args.src, config_from_flags(args))
+    src = args.src
+    if (checkpointing.is_orbax_dir(src)
+        and not os.path.isdir(os.path.join(src, "config"))):  # a workdir: its newest step
+      src = checkpointing.latest_step_dir(src)
+      print(f"reading step {os.path.basename(src)} of {args.src}")
+    params, config = load_pretrained(src, config_from_flags(args))
   except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
     parser.exit(1, f"error: {e}\n")
   checkpointing.save_params(args.dst, params, config)

@@ -34,8 +34,9 @@ def check_images(images: jax.Array, config: ModelConfig | ViTConfig) -> None:
     raise ValueError(f"images must be [B, H, W, C], got shape {tuple(images.shape)}")
   _, h, w, c = images.shape
   if c != config.channels:
-    raise ValueError(f"images have {c} channels, the config expects {config.channels} "
-                     f"(images must be NHWC)")
+    raise ValueError(f"images have {c} channel{'s' * (c != 1)}, the config expects "
+                     f"{config.channels} channel{'s' * (config.channels != 1)} "
+                     "(images must be NHWC)")
   if (h, w) != (config.image_size, config.image_size):
     raise ValueError(f"images are {h}x{w}, the config expects "
                      f"{config.image_size}x{config.image_size}")
@@ -51,10 +52,13 @@ def forward(params: Params, images: jax.Array, rng: jax.Array | None, config: Mo
   if "decoder" not in params:
     raise ValueError("these params hold no decoder (an encoder-only checkpoint?): "
                      "mae_apply needs encoder and decoder; use mae_jax.encode for features")
+  check_params(params, param_shapes(config), "mae_apply")
+  if (noise is None) == (rng is None):
+    raise ValueError("mae_apply: give exactly one of rng or noise, got "
+                     + ("both" if noise is not None else "neither"))
   patches = patchify(images.astype(jnp.float32), config.patch_size)  # [B, N, P]
   b, n, _ = patches.shape
-  masking = random_masking(patches, config.mask_ratio, noise=noise,
-                           rng=None if noise is not None else rng)
+  masking = random_masking(patches, config.mask_ratio, noise=noise, rng=rng)
   if config.encoder_mask_tokens:
     positions = jnp.broadcast_to(jnp.arange(n), (b, n))
     latent = Encoder(config.encoder, mask_tokens=True).apply(
@@ -85,8 +89,12 @@ def _encode(encoder_params: Params, images: jax.Array, config: ModelConfig | ViT
             final_norm: bool = True) -> jax.Array:
   """Un-jitted encoder on all patches, no masking: [B, H, W, C] -> [B, 1 + N, D]."""
   check_images(images, config)
+  if "encoder" in encoder_params and "patch_embed" not in encoder_params:
+    raise ValueError("encode takes the encoder's params: pass params['encoder'], not the "
+                     "whole {'encoder', 'decoder'} tree")
   mask_tokens = getattr(config, "encoder_mask_tokens", False)
   vit = config.encoder if isinstance(config, ModelConfig) else config
+  check_params(encoder_params, encoder_param_shapes(vit, mask_tokens), "encode")
   patches = patchify(images.astype(jnp.float32), vit.patch_size)
   b, n, _ = patches.shape
   positions = jnp.broadcast_to(jnp.arange(n), (b, n))
@@ -149,6 +157,52 @@ def init_encoder_params(config: ViTConfig, rng: jax.Array) -> Params:
   patches = jnp.zeros((1, config.num_patches, config.patch_dim))
   positions = jnp.arange(config.num_patches)[None]
   return Encoder(config).init(rng, patches, positions)["params"]
+
+
+@functools.lru_cache(maxsize=None)
+def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """{'encoder/blocks_0/attn/qkv/kernel': shape, ...}: the params tree this config needs."""
+  return _flat_shapes(jax.eval_shape(init_params, config, jax.random.key(0)))
+
+
+@functools.lru_cache(maxsize=None)
+def encoder_param_shapes(config: ViTConfig, mask_tokens: bool = False
+                         ) -> dict[str, tuple[int, ...]]:
+  """The encoder's params tree (as `param_shapes`), for a ViT config alone."""
+  n = config.num_patches
+  encoder = Encoder(config, mask_tokens)
+  shapes = jax.eval_shape(
+      lambda rng: encoder.init(rng, jnp.zeros((1, n, config.patch_dim)), jnp.arange(n)[None],
+                               jnp.zeros((1, n)) if mask_tokens else None)["params"],
+      jax.random.key(0))
+  return _flat_shapes(shapes)
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+          for path, leaf in leaves}
+
+
+def check_params(params: Params, expected: dict[str, tuple[int, ...]], caller: str) -> None:
+  """Raises a ValueError naming what differs between `params` and the config's tree
+  (missing, unexpected or differently shaped entries), instead of a Flax scope error."""
+  got = _flat_shapes(params)
+  if got == expected:
+    return
+  problems = []
+  shaped = sorted(k for k in expected.keys() & got.keys() if got[k] != expected[k])
+  if shaped:
+    k = shaped[0]
+    problems.append(f"{len(shaped)} with other shapes, e.g. {k} is {got[k]}, the config "
+                    f"expects {expected[k]}")
+  for kind, keys in (("missing", expected.keys() - got.keys()),
+                     ("unexpected", got.keys() - expected.keys())):
+    if keys:
+      more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+      problems.append(f"{kind}: {', '.join(sorted(keys)[:3])}{more}")
+  raise ValueError(f"{caller}: the params do not match the config ({'; '.join(problems)}). "
+                   "Pass the config the params were made with (load_pretrained returns it)")
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> Params:

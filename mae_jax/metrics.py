@@ -83,12 +83,17 @@ class MetricWriter:
       self._jsonl.close()
 
 
+def hms(seconds: float) -> str:
+  """Seconds as h:mm:ss (rounded to the second)."""
+  minutes, s = divmod(round(seconds), 60)
+  return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
+
+
 def progress_line(step: int, total: int, m: dict[str, float]) -> str:
-  eta = m.get("eta_s", 0.0)
   mfu = f" mfu {m['mfu']:.1%}" if "mfu" in m else ""
   return (f"step {step}/{total} loss {m['loss']:.4f} lr {m['lr']:.2e} "
           f"gnorm {m['grad_norm']:.3f} {m['images_per_s']:.1f} img/s "
-          f"{m['step_time_s'] * 1e3:.0f} ms/step{mfu} eta {eta / 3600:.2f} h")
+          f"{m['step_time_s'] * 1e3:.0f} ms/step{mfu} eta {hms(m.get('eta_s', 0.0))}")
 
 
 def log_progress(step: int, total: int, m: dict[str, float]) -> None:

@@ -7,6 +7,8 @@ lets ViT-L/H and beyond fit; XLA inserts the all-gathers and reduce-scatters.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -14,12 +16,14 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(fsdp: int = 1) -> Mesh:
-  """A ('data', 'fsdp') mesh over all devices of all processes."""
-  n = jax.device_count()
+def make_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'fsdp') mesh over `devices` (default: all devices of all processes; the
+  compile-only devices of a TPU slice for ahead-of-time compilation)."""
+  n = len(devices) if devices is not None else jax.device_count()
   if fsdp < 1 or n % fsdp:
     raise ValueError(f"fsdp axis size {fsdp} does not divide the {n} devices")
-  return jax.make_mesh((n // fsdp, fsdp), BATCH_AXES, axis_types=(AxisType.Auto,) * 2)
+  return jax.make_mesh((n // fsdp, fsdp), BATCH_AXES, axis_types=(AxisType.Auto,) * 2,
+                       devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -1,4 +1,5 @@
-"""Reconstruction grids: original | masked | reconstruction | reconstruction + visible.
+"""Reconstruction grids: original | masked | reconstructions | reconstruction + visible,
+with column titles, upscaled for display.
 
 Also a command: `python -m mae_jax.visualize SRC OUT.png --images DIR` (or `--dataset`).
 """
@@ -9,10 +10,11 @@ import dataclasses
 import os
 import pickle
 import sys
+from typing import Sequence
 
 import jax
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from mae_jax.config import ModelConfig
 from mae_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -46,15 +48,36 @@ def reconstruction_panels(images: np.ndarray, out: MAEOutput, config: ModelConfi
   return np.clip(pixels * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
-def grid_image(panels: np.ndarray, pad: int = 2) -> np.ndarray:
-  """[B, 4, H, W, C] uint8 -> one [B*(H+pad), 4*(W+pad), C] image, a row per example."""
-  b, k, h, w, c = panels.shape
-  canvas = np.full((b * (h + pad) + pad, k * (w + pad) + pad, c), 255, np.uint8)
-  for i in range(b):
-    for j in range(k):
-      y, x = pad + i * (h + pad), pad + j * (w + pad)
-      canvas[y:y + h, x:x + w] = panels[i, j]
-  return canvas
+def display_scale(size: int, target: int = 192) -> int:
+  """The integer upscaling that shows a `size`-pixel image at about `target` pixels."""
+  return max(1, round(target / size))
+
+
+def grid_image(columns: Sequence[np.ndarray], titles: Sequence[str], scale: int = 1,
+               pad: int = 2) -> np.ndarray:
+  """Titled columns of images -> one uint8 [H', W', C] image, a row per example.
+
+  columns: each [B, H, W, C] uint8, upscaled `scale` times (nearest neighbour, so patch
+  edges stay sharp); titles: one per column, written above it (PIL's default font).
+  """
+  if len(columns) != len(titles):
+    raise ValueError(f"{len(columns)} columns but {len(titles)} titles")
+  b, h, w, c = columns[0].shape
+  h, w = h * scale, w * scale
+  title_h = 16
+  canvas = np.full((title_h + b * (h + pad) + pad, len(columns) * (w + pad) + pad, c), 255,
+                   np.uint8)
+  for j, column in enumerate(columns):
+    big = column.repeat(scale, axis=1).repeat(scale, axis=2)  # [B, h, w, C]
+    x = pad + j * (w + pad)
+    for i in range(b):
+      y = title_h + pad + i * (h + pad)
+      canvas[y:y + h, x:x + w] = big[i]
+  image = Image.fromarray(canvas.squeeze(-1) if c == 1 else canvas)
+  draw = ImageDraw.Draw(image)
+  for j, title in enumerate(titles):
+    draw.text((pad + j * (w + pad) + 2, 2), title, fill=0 if c == 1 else (0,) * c)
+  return np.asarray(image).reshape(canvas.shape)
 
 
 def save_png(path: str, image: np.ndarray) -> None:
@@ -125,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.exit(1, f"error: {e}\n")
   noise = jax.random.uniform(jax.random.key(args.seed), (len(images), config.num_patches))
   out = mae_apply(params, images, config=config, noise=noise)
-  grid = grid_image(reconstruction_panels(images, jax.device_get(out), config, mean, std))
+  panels = reconstruction_panels(images, jax.device_get(out), config, mean, std)
+  titles = ["original", f"masked {config.mask_ratio:.0%}", "reconstruction",
+            "reconstruction + visible"]
+  grid = grid_image([panels[:, i] for i in range(4)], titles,
+                    display_scale(config.image_size))
   save_png(args.out, grid)
   print(f"wrote {args.out}: {len(images)} images, mask ratio {config.mask_ratio}, "
         f"{grid.shape[1]}x{grid.shape[0]} px")

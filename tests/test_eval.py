@@ -15,31 +15,21 @@ from PIL import Image
 
 from configs import digits, linear_probe
 from mae_jax import encode, optim
-from mae_jax.checkpointing import TrainCheckpointer, load_params
+from mae_jax.checkpointing import load_params
 from mae_jax.data import pipeline, sources
 from mae_jax.evals.common import accuracies, topk_correct
 from mae_jax.evals.knn import knn_scores
 from mae_jax.mae import features
 from mae_jax.tasks import make_task
-from mae_jax.trainer import abstract_state, train_and_evaluate
+from mae_jax.trainer import train_and_evaluate
+from mae_jax.visualize import display_scale
 
-from test_train import config_with
+from test_train import config_with, set_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The encoder of test_train's tiny demo MAE, as a ViTConfig.
 ENCODER = dict(image_size=32, patch_size=8, channels=3, width=64, depth=2, num_heads=4,
                mlp_ratio=4.0, layer_norm_eps=1e-6, dtype="float32")
-
-
-def set_fields(config, **fields):
-  config = config.unlock()
-  for key, value in fields.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config.lock()
 
 
 def probe_config(demo_dir, init_from, **extra):
@@ -205,27 +195,30 @@ def test_knn_votes_by_hand():
                              rtol=1e-6)
 
 
-def run_knn(tmp_path, name, init_from):
-  config = set_fields(digits.get_config("task=knn"), init_from=init_from)
-  train_and_evaluate(config, str(tmp_path / name))
-  return json.load(open(tmp_path / name / "results.json"))
+def run_digits(workdir, arg, *flags):
+  """`python -m mae_jax.main --config=configs/digits.py:ARG` as documented: one process on
+  one CPU device (8 fake devices would slow this tiny model several times); its results."""
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  run = subprocess.run([sys.executable, "-m", "mae_jax.main", f"--config=configs/digits.py:{arg}",
+                        f"--workdir={workdir}", *flags], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr[-3000:]
+  return json.load(open(os.path.join(workdir, "results.json")))
 
 
 def test_pretraining_on_digits_beats_a_random_encoder(tmp_path):
   """The README's digits claim at a smaller budget: after 600 steps of MAE pretraining the
   encoder's kNN accuracy clearly beats the same encoder at its random init (measured here:
   0.825 vs 0.747; 1500 steps, the documented run, reach 0.917)."""
-  config = set_fields(digits.get_config("steps=600"), **{
-      "evals.reconstruction.every_steps": -1, "evals.knn.every_steps": 0})
   mae = str(tmp_path / "mae")
-  train_and_evaluate(config, mae)
-  pretrained = json.load(open(os.path.join(mae, "results.json")))
-  random = run_knn(tmp_path, "random", "random")
+  pretrained = run_digits(mae, "steps=600", "--config.evals.reconstruction.every_steps=-1",
+                          "--config.evals.knn.every_steps=0")
+  random = run_digits(str(tmp_path / "random"), "task=knn", "--config.init_from=random")
   assert random["knn/count"] == pretrained["knn/count"] == 360  # every test digit, once
   assert 0.3 < random["knn/top1"] <= random["knn/top5"]  # random features: above chance
   assert pretrained["knn/top1"] > random["knn/top1"] + 0.04
   # configs/knn.py on the restored workdir computes exactly what the evaluator did in training.
-  restored = run_knn(tmp_path, "restored", mae)
+  restored = run_digits(str(tmp_path / "restored"), "task=knn", f"--config.init_from={mae}")
   assert restored["knn/top1"] == pretrained["knn/top1"]
 
 
@@ -286,8 +279,9 @@ def test_visualize_writes_a_grid_from_a_workdir_and_an_official_file(tmp_path, p
   run = subprocess.run(cmd + [pretrained, out, "--images", str(images), "--mask_ratio", "0.5"],
                        cwd=ROOT, capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-2000:]
-  # 3 rows of 4 panels of 32 px, 2 px apart: (3 * 34 + 2) x (4 * 34 + 2).
-  assert Image.open(out).size == (4 * 34 + 2, 3 * 34 + 2)
+  # 3 rows of 4 panels of 32 px shown 6x (192 px), 2 px apart, under a 16 px title row.
+  side = 32 * display_scale(32)
+  assert side == 192 and Image.open(out).size == (4 * (side + 2) + 2, 16 + 3 * (side + 2) + 2)
   again = subprocess.run(cmd + [pretrained, out, "--images", str(images)], cwd=ROOT,
                          capture_output=True, text=True)
   assert again.returncode == 1 and "refusing to overwrite" in again.stderr
@@ -305,4 +299,29 @@ def test_visualize_writes_a_grid_from_a_workdir_and_an_official_file(tmp_path, p
   run = subprocess.run(cmd + [pth, out2, "--images", str(images), "--num_images", "2"],
                        cwd=ROOT, capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-2000:]
-  assert Image.open(out2).size == (4 * 34 + 2, 2 * 34 + 2)
+  assert Image.open(out2).size == (4 * (side + 2) + 2, 16 + 2 * (side + 2) + 2)
+
+
+def test_probe_head_is_batchnorm_then_linear_as_the_reference(demo_dir):
+  """One loss evaluation against numpy: BatchNorm1d(affine=False, eps 1e-6) with the batch's
+  biased variance, a linear layer, cross-entropy; running statistics updated like PyTorch's
+  (momentum 0.1, unbiased variance); evaluation uses the running statistics."""
+  task = make_task(probe_config(demo_dir, "random"))
+  params, model_state = task.init(jax.random.key(0))
+  params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape),
+                        params)
+  images = jax.random.normal(jax.random.key(2), (6, 32, 32, 3))
+  labels = jnp.array([0, 1, 2, 3, 4, 5])
+  loss, aux = task.loss_fn(params, model_state, {"image": images, "label": labels},
+                           jax.random.key(3))
+  x = np.asarray(features(model_state["encoder"], images, task.encoder, "cls"), np.float64)
+  w, b = (np.asarray(params["head"][k], np.float64) for k in ("kernel", "bias"))
+  logits = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-6) @ w + b
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  np.testing.assert_allclose(loss, -logp[np.arange(6), labels].mean(), rtol=1e-5)
+  stats = aux.model_state["batch_stats"]
+  np.testing.assert_allclose(stats["mean"], 0.1 * x.mean(0), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * x.var(0, ddof=1), rtol=1e-5)
+  got = task.logits(params, aux.model_state, images)
+  want = (x - 0.1 * x.mean(0)) / np.sqrt(0.9 + 0.1 * x.var(0, ddof=1) + 1e-6) @ w + b
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -113,17 +113,37 @@ def test_loss_hand_computed():
   assert float(masked_mse(pred, norm, mask)) == pytest.approx(want, rel=1e-6)
 
 
-def test_forward_shapes_and_loss_matches_pieces():
-  cfg = tiny(norm_pix_loss=True)
+def numpy_patches(images: np.ndarray, p: int) -> np.ndarray:
+  """[B, H, W, C] -> [B, N, p*p*C], patches in row-major grid order, pixels (row, col, chan)."""
+  b, h, w, c = images.shape
+  x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_forward_shapes_and_loss_by_hand(norm_pix):
+  cfg = tiny(norm_pix_loss=norm_pix)
   params = init_params(cfg, jax.random.key(0))
   images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
   noise = jax.random.uniform(jax.random.key(2), (3, 16))
   out = mae_apply(params, images, config=cfg, noise=noise)
   assert out.pred.shape == (3, 16, 192)
   assert out.latent.shape == (3, 1 + 4, 64)
-  np.testing.assert_array_equal(out.mask.sum(1), 12)
-  want = masked_mse(out.pred, normalize_patches(patchify(images, 8)), out.mask)
-  np.testing.assert_allclose(out.loss, want, rtol=1e-6)
+  # The loss in float64 numpy: the 12 patches with the largest noise are removed; each
+  # removed patch's mean squared error over its 192 values (normalised by the patch's mean
+  # and unbiased variance with norm_pix), averaged over the removed patches.
+  removed = np.argsort(np.asarray(noise), axis=1)[:, 4:]
+  mask = np.zeros((3, 16))
+  np.put_along_axis(mask, removed, 1, axis=1)
+  np.testing.assert_array_equal(out.mask, mask)
+  target = numpy_patches(np.asarray(images, np.float64), 8)
+  if norm_pix:
+    mean = target.mean(-1, keepdims=True)
+    var = ((target - mean) ** 2).sum(-1, keepdims=True) / (192 - 1)
+    target = (target - mean) / np.sqrt(var + 1e-6)
+  per_patch = ((np.asarray(out.pred, np.float64) - target) ** 2).mean(-1)  # [B, N]
+  want = sum(per_patch[i, removed[i]].sum() for i in range(3)) / (3 * 12)
+  np.testing.assert_allclose(float(out.loss), want, rtol=1e-6)
   # The same rng gives the same masking; the masking is also reproducible from noise.
   a = mae_apply(params, images, jax.random.key(5), config=cfg)
   b = mae_apply(params, images, jax.random.key(5), config=cfg)
@@ -142,13 +162,33 @@ def test_encoder_sees_only_visible_patches():
 
 
 def test_encoder_mask_tokens_ablation():
+  """The encoder sees all N positions, the removed ones as the mask token (+ position).
+
+  Checked against the plain encoder (no mask tokens) run on every patch, with each removed
+  patch replaced by hand by pixels that its patch embedding maps onto the mask token.
+  """
   cfg = tiny(encoder_mask_tokens=True)
   params = init_params(cfg, jax.random.key(0))
-  assert "mask_token" in params["encoder"] and "mask_token" not in params["decoder"]
+  enc = params["encoder"]
+  assert "mask_token" in enc and "mask_token" not in params["decoder"]
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-  out = mae_apply(params, images, jax.random.key(2), config=cfg)
+  noise = jax.random.uniform(jax.random.key(2), (2, 16))
+  out = mae_apply(params, images, config=cfg, noise=noise)
   assert out.latent.shape == (2, 17, 64)
   assert out.pred.shape == (2, 16, 192) and np.isfinite(out.loss)
+
+  kernel = np.asarray(enc["patch_embed"]["kernel"], np.float64)  # [192, 64]
+  token = np.asarray(enc["mask_token"], np.float64).reshape(64)
+  bias = np.asarray(enc["patch_embed"]["bias"], np.float64)
+  token_pixels = np.linalg.lstsq(kernel.T, token - bias, rcond=None)[0]  # [192]
+  np.testing.assert_allclose(token_pixels @ kernel + bias, token, atol=1e-6)
+  patches = numpy_patches(np.asarray(images), 8)  # [B, N, 192]
+  removed = np.asarray(out.mask) == 1
+  assert removed.sum() == 2 * 12
+  patches[removed] = token_pixels
+  want = Encoder(cfg.encoder).apply({"params": {k: v for k, v in enc.items() if k != "mask_token"}},
+                              jnp.asarray(patches), jnp.broadcast_to(jnp.arange(16), (2, 16)))
+  np.testing.assert_allclose(out.latent, want, rtol=1e-4, atol=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_params():
@@ -160,7 +200,12 @@ def test_bfloat16_compute_keeps_float32_params():
   out16 = mae_apply(params, images, config=cfg, noise=noise)
   out32 = mae_apply(params, images, config=tiny(), noise=noise)
   assert out16.pred.dtype == jnp.bfloat16 and out16.loss.dtype == jnp.float32
-  np.testing.assert_allclose(out16.loss, out32.loss, rtol=5e-2)
+  # A few times the bfloat16 error observed here (loss 2e-4, outputs 7e-3 of their largest
+  # value); a bfloat16 loss target (the reference's is float32) moves the loss by 1e-3.
+  np.testing.assert_allclose(out16.loss, out32.loss, rtol=6e-4)
+  for got, want in [(out16.pred, out32.pred), (out16.latent, out32.latent)]:
+    err = np.abs(np.asarray(got, np.float32) - want).max() / np.abs(want).max()
+    assert err < 2e-2, err
 
 
 def test_gelu_is_exact_in_both_dtypes():

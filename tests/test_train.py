@@ -4,7 +4,6 @@ import json
 import re
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,14 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from grain.experimental import index_shuffle
 
 from configs import base, demo
 from mae_jax import mae_apply, optim, sharding
 from mae_jax.checkpointing import load_params
-from mae_jax.data import pipeline
+from mae_jax.data import pipeline, transforms
 from mae_jax.tasks.pretrain import PretrainTask, model_config_from
-from mae_jax.trainer import (abstract_state, create_state, make_train_step, plan_run,
-                             train_and_evaluate)
+from mae_jax.trainer import (abstract_state, create_state, make_train_step,
+                             plan_and_optimizer, train_and_evaluate)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny model on 32x32 crops of the demo photos: a step takes well under a second.
@@ -35,15 +35,20 @@ OVERRIDES = {
 NO_RECON = {"evals.reconstruction.every_steps": -1}
 
 
-def config_with(demo_dir, **extra):
-  config = demo.get_config().unlock()
-  for key, value in {**OVERRIDES, "input.data_dir": demo_dir, **extra}.items():
+def set_fields(config, **fields):
+  """A copy of the locked config with dotted fields ('model.width') set."""
+  config = config.unlock()
+  for key, value in fields.items():
     node = config
     *parents, leaf = key.split(".")
     for p in parents:
       node = node[p]
     node[leaf] = value
   return config.lock()
+
+
+def config_with(demo_dir, **extra):
+  return set_fields(demo.get_config(), **{**OVERRIDES, "input.data_dir": demo_dir, **extra})
 
 
 def main_command(workdir, demo_dir, **extra):
@@ -59,7 +64,10 @@ def params_equal(a, b):
 
 def test_demo_end_to_end(tmp_path, demo_dir):
   workdir = str(tmp_path / "run")
-  state = train_and_evaluate(config_with(demo_dir, stop_at_step=4), workdir)
+  # The length in epochs: 320 demo images at batch 16 are 20 steps per epoch.
+  config = config_with(demo_dir, stop_at_step=4, total_steps=-1, warmup_steps=-1, epochs=10,
+                       warmup_epochs=1)
+  state = train_and_evaluate(config, workdir)
   assert int(state["step"]) == 4
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -67,6 +75,10 @@ def test_demo_end_to_end(tmp_path, demo_dir):
   for r in rows:
     assert np.isfinite(r["loss"]) and r["loss"] > 0 and r["images_per_s"] > 0
   assert rows[1]["lr"] > 0 and rows[1]["param_norm"] > 0
+  peak = config.base_lr * 16 / 256
+  for r in rows:  # each row's lr is its last step's (step - 1 updates done before it)
+    assert r["epoch"] == r["step"] / 20
+    assert r["lr"] == pytest.approx(peak * (r["step"] - 1) / 20, rel=1e-3)
   assert {"eta_s", "grad_norm", "step_time_s", "epoch", "data_skipped"} <= set(rows[1])
   events = os.listdir(os.path.join(workdir, "tensorboard"))
   assert any(name.startswith("events.out.tfevents") for name in events)
@@ -146,41 +158,143 @@ def test_grad_accumulation_matches_full_batch():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(a).max())
 
 
-def test_fsdp_step_matches_data_parallel():
-  task = PretrainTask(config_with("unused"))
-  tx = optim.make_optimizer(optax.constant_schedule(1e-3), weight_decay=0.05, b1=0.9, b2=0.95)
-  losses = []
+def without_key_bias(path, x):
+  """Drops the key third of an attention's qkv bias: its gradient is zero in exact arithmetic
+  (softmax ignores a shift of all logits), so Adam turns rounding noise there into steps of
+  up to ~lr that differ between any two reduction orders. Its moments are still compared."""
+  if jax.tree_util.keystr(path).endswith("['qkv']['bias']"):
+    d = x.shape[-1] // 3
+    return np.concatenate([x[:d], x[2 * d:]])
+  return x
+
+
+def test_fsdp_matches_data_parallel_on_params_and_optimizer_state():
+  """Three steps with params and AdamW state sharded over 4 devices end where data parallel
+  does: every parameter, both moments and the step counts."""
+  config = config_with("unused", warmup_steps=0)
+  task = PretrainTask(config)
+  plan, schedule, tx = plan_and_optimizer(config, task, num_examples=320)
+  states = []
   for fsdp in (1, 4):
     mesh = sharding.make_mesh(fsdp)
     state = create_state(task, tx, jax.random.key(0), mesh)
     if fsdp > 1:
       kernel = state["params"]["encoder"]["blocks_0"]["mlp"]["fc1"]["kernel"]
       assert "fsdp" in str(kernel.sharding.spec)
-    step = make_train_step(task, tx, optax.constant_schedule(1e-3), mesh,
-                           abstract_state(task, tx))
-    images = jax.device_put(jax.random.normal(jax.random.key(1), (16, 32, 32, 3)),
-                            sharding.batch_sharding(mesh))
-    for _ in range(2):
-      state, metrics = step(state, {"image": images})
-    losses.append(float(metrics["loss"]))
-  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+      mu = state["opt_state"][0].mu["encoder"]["blocks_0"]["mlp"]["fc1"]["kernel"]
+      assert "fsdp" in str(mu.sharding.spec)
+    step = make_train_step(task, tx, schedule, mesh, abstract_state(task, tx))
+    for i in range(3):
+      images = jax.device_put(jax.random.normal(jax.random.key(i), (16, 32, 32, 3)),
+                              sharding.batch_sharding(mesh))
+      state, _ = step(state, {"image": images})
+    states.append(jax.device_get(state))
+  dp, fs = states
+  assert jax.tree.structure(dp) == jax.tree.structure(fs)
+  counts = [(p, x) for p, x in jax.tree_util.tree_leaves_with_path(fs)
+            if jax.tree_util.keystr(p).endswith(("count", "['step']"))]
+  assert len(counts) == 3 and all(int(x) == 3 for _, x in counts), counts
+  # Observed: moments within 5e-7 of each leaf's largest value; params within 4e-3 x lr (a
+  # step moves a parameter by up to ~lr; float32 rounding of the params is 1e-4 x lr).
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(dp["opt_state"]),
+                          jax.tree.leaves(fs["opt_state"])):
+    np.testing.assert_allclose(b, a, rtol=0, atol=5e-6 * np.abs(a).max(),
+                               err_msg=jax.tree_util.keystr(path))
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(dp["params"]),
+                          jax.tree.leaves(fs["params"])):
+    np.testing.assert_allclose(without_key_bias(path, b), without_key_bias(path, a), rtol=0,
+                               atol=2e-2 * plan.peak_lr, err_msg=jax.tree_util.keystr(path))
+
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def paper_lr(step: int) -> float:
+  """Table 8 for ViT-B at batch 4096 on ImageNet-1k (312 steps per epoch): lr 1.5e-4 x 4096 /
+  256, linear warmup over 40 epochs, then half-cosine to 0 at 800 epochs, set every step."""
+  peak, warmup, total = 1.5e-4 * 4096 / 256, 40 * 312, 800 * 312
+  if step < warmup:
+    return peak * step / warmup
+  return peak * 0.5 * (1 + np.cos(np.pi * (step - warmup) / (total - warmup)))
+
+
+def base_run(**fields):
+  """The task, plan, schedule and optimizer the trainer builds from configs/base.py for
+  ImageNet-1k; only the model is made tiny (the recipe's fields stay as the file sets them)."""
+  config = base.get_config().unlock()
+  config.model.update(**{k.split(".")[1]: v for k, v in OVERRIDES.items()
+                         if k.startswith("model.")}, patch_size=8)
+  config.update(fields)
+  task = PretrainTask(config)
+  return (task, *plan_and_optimizer(config, task, IMAGENET_TRAIN_IMAGES))
 
 
 def test_lr_schedule_matches_recipe():
   config = base.get_config()
   assert config.batch_size == 4096 and config.base_lr == 1.5e-4
   assert (config.b1, config.b2, config.weight_decay) == (0.9, 0.95, 0.05)
-  peak = optim.learning_rate(config.base_lr, config.batch_size)
-  assert peak == pytest.approx(2.4e-3)
-  steps_per_epoch, epochs, warmup_epochs = 312, 800, 40
-  total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
-  schedule = optim.lr_schedule(peak, warmup, total)
-  for step in (0, 1, 1000, warmup - 1):  # per-step linear warmup from 0
-    assert float(schedule(step)) == pytest.approx(peak * step / warmup, rel=1e-4, abs=1e-12)
-  for step in (warmup, warmup + 12345, total - 7, total):  # half cosine to 0
-    progress = (step - warmup) / (total - warmup)
-    want = peak * 0.5 * (1 + np.cos(np.pi * progress))
-    assert float(schedule(step)) == pytest.approx(want, rel=1e-4, abs=1e-9)
+  # Epochs -> steps by the trainer's own plan; accumulation splits the same global batch.
+  for accum in (1, 4):
+    _, plan, schedule, _ = base_run(grad_accum_steps=accum)
+    assert (plan.steps_per_epoch, plan.warmup_steps, plan.total_steps, plan.stop_step) == (
+        312, 40 * 312, 800 * 312, 800 * 312)
+    peak = plan.peak_lr
+    assert peak == pytest.approx(2.4e-3)
+    steps_per_epoch, epochs, warmup_epochs = 312, 800, 40
+    total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+    for step in (0, 1, 1000, warmup - 1):  # per-step linear warmup from 0
+      assert float(schedule(step)) == pytest.approx(peak * step / warmup, rel=1e-4, abs=1e-12)
+    for step in (warmup, warmup + 12345, total - 7, total):  # half cosine to 0
+      progress = (step - warmup) / (total - warmup)
+      want = peak * 0.5 * (1 + np.cos(np.pi * progress))
+      assert float(schedule(step)) == pytest.approx(want, rel=1e-4, abs=1e-9)
+
+
+def test_run_optimizer_is_the_papers_adamw():
+  """The optimizer a configs/base.py run trains with, against AdamW written out in numpy:
+  betas (0.9, 0.95), eps 1e-8, decoupled weight decay 0.05 on Linear weights and the cls /
+  mask tokens only, at the paper's lr of each step."""
+  task, _, _, tx = base_run()
+  params = jax.device_get(task.init(jax.random.key(0))[0])
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  decays = [p.endswith(("['kernel']", "['cls_token']", "['mask_token']")) for p in paths]
+  # Linear weights: patch and decoder embeddings, 4 per block (2 + 1 blocks), decoder_pred.
+  assert sum(decays) == 15 + 2 and len(decays) == 48
+  leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(params)]
+  update = jax.jit(tx.update)
+
+  def check(updates, want, lr):
+    # rtol: optax's warmup computes lr in float32 as peak x (1 - (1 - step / warmup)),
+    # 3e-4 off at step 1. b2 0.999 instead of 0.95 moves the third update by 1e-2.
+    for path, got, w in zip(paths, jax.tree.leaves(updates), want):
+      np.testing.assert_allclose(got, w, rtol=1e-3, atol=1e-6 * lr, err_msg=path)
+
+  # Weight decay alone: zero gradients at step s move a parameter by -lr(s) x 0.05 x p.
+  zeros = jax.tree.map(np.zeros_like, params)
+  for step in (1, 6240, 12480, 100_000, 240_000):
+    state = optax.tree_utils.tree_set(tx.init(params), count=jnp.asarray(step, jnp.int32))
+    updates, _ = update(zeros, state, params)
+    lr = paper_lr(step)
+    check(updates, [-lr * 0.05 * p * d for p, d in zip(leaves, decays)], lr)
+
+  # Three steps from the start with random gradients: the moments and their bias correction.
+  rng = np.random.default_rng(0)
+  state = tx.init(params)
+  m = [np.zeros_like(p) for p in leaves]
+  v = [np.zeros_like(p) for p in leaves]
+  for t in (1, 2, 3):
+    grads = [rng.normal(size=p.shape) for p in leaves]
+    updates, state = update(
+        jax.tree.unflatten(jax.tree.structure(params), [g.astype(np.float32) for g in grads]),
+        state, params)
+    lr = paper_lr(t - 1)
+    want = []
+    for i, (p, g, d) in enumerate(zip(leaves, grads, decays)):
+      m[i] = 0.9 * m[i] + 0.1 * g
+      v[i] = 0.95 * v[i] + 0.05 * g * g
+      adam = (m[i] / (1 - 0.9 ** t)) / (np.sqrt(v[i] / (1 - 0.95 ** t)) + 1e-8)
+      want.append(-lr * (adam + 0.05 * p * d))
+    check(updates, want, lr)
 
 
 def test_weight_decay_mask_matches_recipe():
@@ -248,46 +362,69 @@ def test_stop_before_the_saved_step_is_refused(tmp_path, demo_dir):
     train_and_evaluate(config_with(demo_dir, stop_at_step=2, **NO_RECON), workdir)
 
 
-def free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
+def host_records(num_records, host, hosts, seed, count):
+  """(record, sampler index) of the first `count` records a host reads, by grain's rule for
+  IndexSampler(shuffle=True, ShardOptions(host, hosts, drop_remainder=True)), written out:
+  the host owns records [host * S, (host + 1) * S), S = num_records // hosts, visited in
+  epoch e in the order of grain's index_shuffle with seed + e; its k-th record has sampler
+  index host + k * hosts, whose augmentation rng is Philox(seed + that index)."""
+  size = num_records // hosts
+  out = []
+  for k in range(count):
+    epoch, i = divmod(k, size)
+    record = host * size + index_shuffle(i, max_index=size - 1, seed=seed + epoch, rounds=4)
+    out.append((record, seed + host + k * hosts))
+  return out
+
+
+def augmented(source, config, records):
+  """[len(records), H, W, 3]: each record decoded and augmented with its rng (no skips:
+  every demo image decodes)."""
+  crop = transforms.RandomResizedCrop(config.model.image_size, tuple(config.input.crop_scale),
+                                      tuple(config.input.crop_ratio))
+  flip, decode = transforms.RandomHorizontalFlip(), transforms.DecodeImage()
+  normalize = transforms.Normalize(tuple(config.input.mean), tuple(config.input.std))
+  images = []
+  for record, index in records:
+    rng = np.random.Generator(np.random.Philox(key=index))
+    element = flip.random_map(crop.random_map(decode.map(source[record]), rng), rng)
+    images.append(normalize.map(element)["image"])
+  return np.stack(images)
 
 
 def two_host_reference(config, steps):
-  """The same run in this one process: the global batch is host 0's batch then host 1's."""
+  """The same run in this one process, fed the records each host must read: the global
+  batch is host 0's records then host 1's."""
   task = PretrainTask(config)
-  model = task.model
   source = pipeline.make_source(config.input, config.input.split)
-  plan = plan_run(config, len(source))
-  schedule, tx = task.optimizer(plan.peak_lr, plan.warmup_steps, plan.total_steps)
+  plan, schedule, tx = plan_and_optimizer(config, task, len(source))
   mesh = sharding.make_mesh(config.fsdp)
   state = create_state(task, tx, jax.random.key(config.seed), mesh)
   step = make_train_step(task, tx, schedule, mesh, abstract_state(task, tx), seed=config.seed)
-  hosts = [iter(pipeline.make_train_loader(config.input, image_size=model.image_size,
-                                           global_batch_size=config.batch_size,
-                                           seed=config.seed, process_index=i, process_count=2))
-           for i in range(2)]
-  for _ in range(steps):
-    images = np.concatenate([next(host)["image"] for host in hosts])
+  per_host = config.batch_size // 2
+  hosts = [host_records(len(source), h, 2, config.seed, steps * per_host) for h in range(2)]
+  assert len(source) == 320 and {r for r, _ in hosts[0]} <= set(range(160))
+  assert {r for r, _ in hosts[1]} <= set(range(160, 320))
+  for i in range(steps):
+    images = np.concatenate([augmented(source, config, h[i * per_host:(i + 1) * per_host])
+                             for h in hosts])
     state, _ = step(state, {"image": jax.device_put(images, sharding.batch_sharding(mesh))})
-  return jax.device_get(state["params"])
+  return jax.device_get(state["params"]), plan
 
 
 def test_two_processes_on_localhost_agree(tmp_path, demo_dir):
   workdir = str(tmp_path / "run")
-  port = free_port()
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_PLATFORMS": "cpu"}
-  procs = [subprocess.Popen(
-      main_command(workdir, demo_dir, stop_at_step=4) +
-      [f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
-       "--cpu_collectives=gloo"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  outputs = [p.communicate(timeout=400)[0] for p in procs]
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-4000:]
+  env = {**os.environ, "NUM_PROCESSES": "2", "FAKE_DEVICES": "4", "TMPDIR": str(tmp_path)}
+  flags = [f for f in main_command(workdir, demo_dir, stop_at_step=4)[3:]
+           if not f.startswith("--workdir=")]
+  proc = subprocess.run(["launch/local.sh", workdir, *flags], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=400)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  logs = re.search(r"processes 1-1 log to (\S+)", proc.stderr).group(1)
+  # The console shows process 0 without Gloo's chatter; process 1 writes to its log.
+  outputs = [proc.stdout + proc.stderr, open(os.path.join(logs, "process_1.log")).read()]
+  assert "[Gloo]" not in outputs[0] and "[Gloo]" in outputs[1]
+  assert "process 1/2" not in outputs[0]
   assert "process 0/2, 4 local / 8 global devices" in outputs[0]
   assert "process 1/2, 4 local / 8 global devices" in outputs[1]
   progress = [re.findall(r"step \d+/\d+ loss \S+ lr \S+ gnorm \S+", out) for out in outputs]
@@ -297,6 +434,9 @@ def test_two_processes_on_localhost_agree(tmp_path, demo_dir):
   assert latest_step(workdir) == 4
   # Each host fed its own shard and the collectives summed them right: the checkpoint equals
   # one process training on the two hosts' batches side by side.
-  want = two_host_reference(config_with(demo_dir), 4)
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  want, plan = two_host_reference(config_with(demo_dir), 4)
+  # Observed: 1-2 float32 ulps of the params (at most 1.6e-4 x lr); fed other records, the
+  # params move apart by ~lr.
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(want)):
+    np.testing.assert_allclose(without_key_bias(path, a), without_key_bias(path, b), rtol=0,
+                               atol=2e-3 * plan.peak_lr, err_msg=jax.tree_util.keystr(path))

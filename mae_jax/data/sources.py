@@ -11,10 +11,12 @@ restored, to refuse resuming on different data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from typing import Any
+from typing import Any, Iterator
 
+from absl import logging as absl_logging
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
@@ -79,6 +81,17 @@ def folder_source(root: str, split: str = "train") -> ImageFolderSource:
   return ImageFolderSource(split_dir, paths, labels, classes)
 
 
+@contextlib.contextmanager
+def quiet_absl() -> Iterator[None]:
+  """Silences absl logging below ERROR inside the block (tfds logs through absl)."""
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(verbosity)
+
+
 def tfds_source(name: str, split: str,
                 data_dir: str | None = None) -> grain.sources.RandomAccessDataSource:
   """Reads a prepared tfds dataset (ArrayRecord), never downloading.
@@ -86,8 +99,10 @@ def tfds_source(name: str, split: str,
   Image features are returned as encoded bytes (tfds decoding skipped) so that
   `DecodeImage` handles every image mode and skips corrupt ones.
   """
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.is_prepared():
+  with quiet_absl():  # tfds warns about each folder of a dataset that is not prepared
+    builder = tfds.builder(name, data_dir=data_dir)
+    prepared = builder.is_prepared()
+  if not prepared:
     manual = (" --manual_dir=<dir holding the archives>"
               if builder.MANUAL_DOWNLOAD_INSTRUCTIONS else "")
     raise FileNotFoundError(

@@ -1,7 +1,9 @@
-"""Reconstruction grids of fixed held-out images: original | masked | reconstruction | + visible."""
+"""Reconstruction grids of fixed held-out images: original | masked | output at the start of
+the run | output now | output now + visible."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any
 
@@ -13,7 +15,7 @@ from jax.sharding import Mesh
 from mae_jax import sharding, visualize
 from mae_jax.config import ModelConfig
 from mae_jax.data import pipeline
-from mae_jax.mae import MAEOutput, forward
+from mae_jax.mae import forward
 from mae_jax.metrics import MetricWriter
 
 
@@ -31,7 +33,11 @@ def make_reconstruct(model: ModelConfig, mesh: Mesh, seed: int = 0):
 
 class ReconstructionEvaluator:
   """PNG grids of the same `num_images` evaluation images, with the same masks every time,
-  in WORKDIR/reconstructions/step_<step>.png and in TensorBoard (MAE pretraining only)."""
+  in WORKDIR/reconstructions/step_<step>.png and in TensorBoard (MAE pretraining only).
+
+  Each grid shows the reconstructions at the start of the run (the untrained model, for a
+  fresh run) next to the current ones, upscaled for display.
+  """
 
   def __init__(self, name: str, config: ml_collections.ConfigDict, task: Any, mesh: Mesh,
                every_steps: int = 0, num_images: int = 8):
@@ -44,21 +50,38 @@ class ReconstructionEvaluator:
     self.images = pipeline.make_eval_batch(config.input, image_size=self.model.image_size,
                                            num_images=num_images)
     self.reconstruct = make_reconstruct(self.model, mesh)
+    self.first: tuple[int, np.ndarray] | None = None  # (step, panels) at the start of the run
+
+  def start(self, state: dict[str, Any], step: int) -> None:
+    """Keeps the reconstructions of the starting model, shown next to every later grid."""
+    self.first = (step, self.panels(state))
+
+  def panels(self, state: dict[str, Any]) -> np.ndarray:
+    """uint8 [B, 4, H, W, C] (see visualize.reconstruction_panels); on every process."""
+    out = jax.device_get(self.reconstruct(state["params"], self.images))
+    return visualize.reconstruction_panels(self.images, out, self.model,
+                                           tuple(self.input.mean), tuple(self.input.std))
 
   def run(self, state: dict[str, Any], step: int, workdir: str,
           writer: MetricWriter) -> dict[str, float]:
-    out = self.reconstruct(state["params"], self.images)
+    panels = self.panels(state)
     if jax.process_index() == 0:
-      write_grid(workdir, step, out, self.images, self.model, self.input, writer)
+      first_step, first = self.first or (step, panels)
+      write_grid(workdir, step, panels, first_step, first, self.model.mask_ratio, writer)
     return {}
 
 
-def write_grid(workdir: str, step: int, out: MAEOutput, images: np.ndarray, model: ModelConfig,
-               input_config: ml_collections.ConfigDict, writer: MetricWriter) -> None:
-  """Writes the reconstruction grid of `out` as a PNG and to TensorBoard."""
-  panels = visualize.reconstruction_panels(images, jax.device_get(out), model,
-                                           tuple(input_config.mean), tuple(input_config.std))
-  grid = visualize.grid_image(panels)
-  os.makedirs(os.path.join(workdir, "reconstructions"), exist_ok=True)
-  visualize.save_png(os.path.join(workdir, "reconstructions", f"step_{step:08d}.png"), grid)
+def write_grid(workdir: str, step: int, panels: np.ndarray, first_step: int,
+               first: np.ndarray, mask_ratio: float, writer: MetricWriter) -> str:
+  """Writes original | masked | reconstruction at `first_step` and at `step` | the latter
+  pasted into the visible patches, as a PNG and to TensorBoard; returns the PNG's path."""
+  columns = [panels[:, 0], panels[:, 1], first[:, 2], panels[:, 2], panels[:, 3]]
+  titles = ["original", f"masked {mask_ratio:.0%}", f"output, step {first_step}",
+            f"output, step {step}", "output + visible"]
+  grid = visualize.grid_image(columns, titles, visualize.display_scale(panels.shape[2]))
+  path = os.path.join(workdir, "reconstructions", f"step_{step:08d}.png")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  visualize.save_png(path, grid)
   writer.image(step, "reconstructions", grid)
+  logging.getLogger(__name__).info("reconstructions: %s", path)
+  return path

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -94,6 +95,14 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def image_size(self) -> int:
     """Side of the square input images."""
+
+  def batch_shapes(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of a global batch of `batch_size` as the loader makes it (`batch_keys` of
+    float32 [B, H, W, 3] images and int32 [B] labels), for ahead-of-time compilation."""
+    s = self.image_size
+    shapes = {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.float32),
+              "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+    return {k: shapes[k] for k in self.batch_keys}
 
   def flops_per_example(self) -> float | None:
     """Model FLOPs of one training example (for MFU), or None when not known."""

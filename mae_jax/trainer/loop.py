@@ -26,8 +26,8 @@ import ml_collections
 
 from mae_jax import checkpointing, evals, metrics as metrics_lib, sharding, tasks
 from mae_jax.data import pipeline
-from mae_jax.trainer.setup import (Plan, check_resumable, checkpoint_config, plan_run,
-                                   run_signature)
+from mae_jax.trainer.setup import (Plan, check_resumable, checkpoint_config,
+                                   plan_and_optimizer, run_signature)
 from mae_jax.trainer.step import State, abstract_state, check_batch, create_state, \
     make_train_step
 
@@ -92,14 +92,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
     raise ValueError(f"workdir {workdir!r} must be a directory path on a filesystem every host "
                      "sees (for a bucket, mount it, e.g. with gcsfuse)")
   source = task.train_source()
-  plan = plan_run(config, len(source))
+  plan, schedule, tx = plan_and_optimizer(config, task, len(source))
   run = run_signature(config, plan, task)
   saved = checkpointing.read_saved_run(workdir)
   if saved is not None:
     check_resumable(workdir, saved, task, run, plan)
   init_from = config.get("init_from")
   loaded = task.load_init(init_from) if init_from and saved is None else None
-  schedule, tx = task.optimizer(plan.peak_lr, plan.warmup_steps, plan.total_steps)
   loader = task.train_loader(source)
   mesh = sharding.make_mesh(config.fsdp)
   evaluators = evals.make_evaluators(config, task, mesh)
@@ -146,12 +145,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
       results = run_evaluators(evaluators, state, step, workdir, writer)
       write_results(workdir, step, results)
       return state
-    log.info("training %s %s from step %d to %d (%d steps/epoch, peak lr %.3g)",
-             task.name, task.model_dict(), step, plan.stop_step, plan.steps_per_epoch,
-             plan.peak_lr)
     if step == plan.stop_step:
       log.warning("%s is already at step %d: nothing to train", workdir, step)
+    else:
+      log.info("training %s %s from step %d to %d (%d steps/epoch, peak lr %.3g)",
+               task.name, task.model_dict(), step, plan.stop_step, plan.steps_per_epoch,
+               plan.peak_lr)
     skipped, previous, timer_step, timer = 0, None, step, time.perf_counter()
+    start, losses = timer, {}  # losses: {step: loss} at the log steps, for the summary
+    for evaluator in evaluators if step < plan.stop_step else ():
+      if hasattr(evaluator, "start"):  # optional, see evals.Evaluator
+        evaluator.start(state, step)
     while step < plan.stop_step:
       batch = next(data_iter)
       skipped += int(batch["skipped"].sum())
@@ -168,6 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
         values = fetch(step_metrics)
         check_finite(step, values, ckpt, workdir)
         previous = None  # checked
+        losses[step] = values["loss"]
         if step > timer_step:
           values.update(timings(time.perf_counter() - timer, step - timer_step, step, plan,
                                 config.batch_size, flops, peak))
@@ -192,6 +197,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
         break
     if step == plan.stop_step:
       write_results(workdir, step, results)
+    if is_main and step > first_step:
+      log_summary(workdir, first_step, step, time.perf_counter() - start, losses,
+                  ckpt.latest_step())
   finally:
     preemption.close()
     writer.close()
@@ -220,6 +228,18 @@ def write_results(workdir: str, step: int, results: dict[str, float]) -> None:
   if results and jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump({"step": step, **results}, f, indent=2)
+
+
+def log_summary(workdir: str, first_step: int, step: int, seconds: float,
+                losses: dict[int, float], checkpoint_step: int | None) -> None:
+  """The end of a run: one line of what happened, then where everything went."""
+  first, last = min(losses, default=None), max(losses, default=None)
+  loss = (f"; loss {losses[first]:.4f} (step {first}) -> {losses[last]:.4f} (step {last})"
+          if losses else "")
+  log.info("trained steps %d -> %d in %s%s", first_step, step, metrics_lib.hms(seconds), loss)
+  log.info("checkpoint: %s", os.path.join(workdir, "checkpoints", str(checkpoint_step)))
+  log.info("metrics: %s", os.path.join(workdir, "metrics.jsonl"))
+  log.info("tensorboard --logdir %s", os.path.join(workdir, "tensorboard"))
 
 
 def start_from(task: tasks.Task, tx, state: State, loaded, shardings) -> State:

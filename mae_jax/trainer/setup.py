@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import optax
 
 from mae_jax import optim
 from mae_jax.tasks.base import Task
@@ -38,6 +39,16 @@ def plan_run(config: ml_collections.ConfigDict, num_examples: int) -> Plan:
     raise ValueError(f"stop_at_step {stop} is past the end of the run ({total} steps)")
   peak = config.lr if config.lr > 0 else optim.learning_rate(config.base_lr, config.batch_size)
   return Plan(steps_per_epoch, total, warmup, stop, peak)
+
+
+def plan_and_optimizer(config: ml_collections.ConfigDict, task: Task, num_examples: int
+                       ) -> tuple[Plan, optax.Schedule, optax.GradientTransformation]:
+  """What a run trains with for a dataset of `num_examples`: its plan and the task's (lr
+  schedule, optimizer) for that plan. The loop's only source of both, so a config's recipe
+  (epochs -> steps, lr, betas, weight decay) can be read off without running it."""
+  plan = plan_run(config, num_examples)
+  schedule, tx = task.optimizer(plan.peak_lr, plan.warmup_steps, plan.total_steps)
+  return plan, schedule, tx
 
 
 # Input settings a resumed run may change: where the data lives and how it is read.
