@@ -17,7 +17,7 @@ from configs import finetune
 from mae_jax import classifier, optim
 from mae_jax.classifier import Classifier, init_classifier, interpolate_pos_embed
 from mae_jax.config import ViTConfig
-from mae_jax.mae import _encode
+from mae_jax.mae import _encode, init_encoder_params
 from mae_jax.mixup import mix_batch
 from mae_jax.models import drop_path
 from mae_jax.posemb import sincos_2d
@@ -68,6 +68,7 @@ def test_classifier_starts_from_the_fixed_sincos_table():
                                 sincos_2d(64, 4, cls_token=True)[None])
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   encoder = {k: v for k, v in params["encoder"].items() if k != "pos_embed"}
+  encoder["norm"] = init_encoder_params(TINY, jax.random.key(3))["norm"]  # unused: no final norm
   tokens = _encode(encoder, images, TINY, final_norm=False)
   fc = params["fc_norm"]
   pooled = np.asarray(tokens)[:, 1:].mean(1)
