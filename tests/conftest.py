@@ -1,10 +1,19 @@
 """Test setup: 8 fake CPU devices, so sharding code runs as it would on a pod slice."""
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must be set before jax is imported anywhere in the test session.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for the session and the runs it starts as
+# subprocesses: many tests compile the same demo step; a cached executable is the same program.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mae_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 import pytest  # noqa: E402  (after the environment is set)
