@@ -125,7 +125,7 @@ def main():
   for name, t in times.items():
     rate = rows[name][1] / np.median(t)
     first = first or rate
-    print(f"  {name:72s} {rate:8.1f} img/s  x{rate / first:5.2f}")
+    print(f"  {name:72s} {rate:8.3g} img/s  {np.median(t) * 1e3:9.0f} ms  x{rate / first:5.2f}")
 
 
 if __name__ == "__main__":

@@ -26,3 +26,13 @@ def demo_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("demo_cache"))
   demo_data.build_demo(path)
   return path
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, demo_dir):
+  """A demo pretraining workdir (tiny MAE, 2 steps), for the tasks that start from one."""
+  from mae_jax.trainer import train_and_evaluate
+  from test_train import config_with
+  workdir = str(tmp_path_factory.mktemp("pretrained"))
+  train_and_evaluate(config_with(demo_dir, stop_at_step=2), workdir)
+  return workdir

@@ -43,14 +43,6 @@ def probe_config(demo_dir, init_from, **extra):
       "warmup_steps": 1, "log_every_steps": 2, "checkpoint_every_steps": 2, **extra})
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, demo_dir):
-  """A demo pretraining workdir (tiny MAE, 2 steps)."""
-  workdir = str(tmp_path_factory.mktemp("pretrained"))
-  train_and_evaluate(config_with(demo_dir, stop_at_step=2), workdir)
-  return workdir
-
-
 def test_linear_probe_keeps_the_restored_encoder_frozen(tmp_path, demo_dir, pretrained):
   workdir = str(tmp_path / "probe")
   state = train_and_evaluate(probe_config(demo_dir, pretrained), workdir)

@@ -282,15 +282,6 @@ def test_mixed_labels_sum_to_one_and_equal_the_pasted_fraction():
 
 # --- Through the trainer ---------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, demo_dir):
-  """A demo pretraining workdir (tiny MAE, 2 steps)."""
-  from test_train import config_with
-  workdir = str(tmp_path_factory.mktemp("pretrained"))
-  train_and_evaluate(config_with(demo_dir, stop_at_step=2), workdir)
-  return workdir
-
-
 def test_finetune_resumes_bitwise_and_keeps_the_best_checkpoint(tmp_path, demo_dir,
                                                                 pretrained):
   from mae_jax.checkpointing import load_params
