@@ -7,16 +7,18 @@ namespace that has only loopback (`unshare -rn`), so that whatever a client libr
 """
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
 
+import ml_collections
 import numpy as np
 import pytest
 
-from test_train import ROOT, config_with, params_equal
+from test_train import NO_RECON, ROOT, config_with, params_equal
 
 INSIDE = os.environ.get("MAE_JAX_BUCKET_TESTS") == "inside"
 EMULATOR = "http://127.0.0.1:4443"  # a fresh namespace: every port is free
@@ -31,6 +33,8 @@ CLIENT_ENV = {
     # gcsfs: no bucket-type lookup through the storage-control gRPC API (not emulated; it
     # also looks up credentials on every call).
     "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    # google-cloud-cpp, what ArrayRecord files (tfds) are read with.
+    "CLOUD_STORAGE_EMULATOR_ENDPOINT": EMULATOR,
 }
 inside = pytest.mark.skipif(not INSIDE, reason="run inside a loopback-only network namespace "
                             "by test_buckets_in_a_loopback_only_network_namespace")
@@ -68,12 +72,24 @@ def bucket_objects(prefix=""):
   return sorted(o["name"] for o in out.get("items", []))
 
 
-def bucket_text(name):
+def bucket_bytes(name):
   """An object's content, read through the emulator's JSON API (not through mae_jax)."""
   with urllib.request.urlopen(f"{EMULATOR}/download/storage/v1/b/{BUCKET}/o/"
                               f"{urllib.parse.quote(name, safe='')}?alt=media",
                               timeout=10) as response:
-    return response.read().decode()
+    return response.read()
+
+
+def event_tags(data):
+  """{(tag, step)} of a TensorBoard events file's summaries (records: length, crc, event, crc)."""
+  from tensorboardX.proto import event_pb2
+  out, i = set(), 0
+  while i < len(data):
+    n, = struct.unpack("<Q", data[i:i + 8])
+    event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+    out |= {(v.tag, event.step) for v in event.summary.value}
+    i += n + 16
+  return out
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +116,10 @@ def emulator():
     server.wait()
 
 
-@pytest.fixture(scope="module")
-def image_folder(emulator, demo_dir):
-  """The demo photographs as an image folder, on disk and copied into the bucket."""
+def copy_to_bucket(local, remote):
+  """Copies a local folder's files to a gs:// path; returns the two as strings."""
   from etils import epath
-  from mae_jax.data import demo
-  local = epath.Path(demo.build_demo(demo_dir))
-  remote = epath.Path(f"{emulator}/data")
+  local, remote = epath.Path(local), epath.Path(remote)
   for folder, _, files in local.walk():
     for name in files:
       (remote / (folder / name).relative_to(local)).write_bytes((folder / name).read_bytes())
@@ -114,21 +127,30 @@ def image_folder(emulator, demo_dir):
 
 
 @pytest.fixture(scope="module")
+def image_folder(emulator, demo_dir):
+  """The demo photographs as an image folder, on disk and copied into the bucket."""
+  from mae_jax.data import demo
+  return copy_to_bucket(demo.build_demo(demo_dir), f"{emulator}/data")
+
+
+@pytest.fixture(scope="module")
 def runs(tmp_path_factory, demo_dir, emulator, image_folder):
   """The demo pretraining for 4 steps on disk, and in the bucket stopped at step 2 and
-  continued, each reading its image folder from where it runs."""
+  continued, each reading its image folder from where it runs (reconstructions only at the
+  end of the bucket run: evaluators do not change the training)."""
   from mae_jax.trainer import train_and_evaluate
   local_data, bucket_data = image_folder
 
-  def config(data_dir, stop_at_step):
+  def config(data_dir, stop_at_step, **extra):
     return config_with(demo_dir, stop_at_step=stop_at_step, **{
-        "input.dataset": "folder", "input.data_dir": data_dir, "input.eval_split": "val"})
+        "input.dataset": "folder", "input.data_dir": data_dir, "input.eval_split": "val"},
+        **extra)
   local = str(tmp_path_factory.mktemp("local") / "run")
-  local_state = train_and_evaluate(config(local_data, 4), local)
+  local_state = train_and_evaluate(config(local_data, 4, **NO_RECON), local)
   remote = f"{emulator}/run"
-  train_and_evaluate(config(bucket_data, 2), remote)
+  train_and_evaluate(config(bucket_data, 2, **NO_RECON), remote)
   assert bucket_objects("run/checkpoints/4") == []  # stopped at 2
-  remote_state = train_and_evaluate(config(bucket_data, 4), remote)
+  remote_state = train_and_evaluate(config(bucket_data, 4), remote)  # PNG at step 4
   return local, local_state, remote, remote_state
 
 
@@ -144,9 +166,13 @@ def test_demo_run_in_a_bucket_resumes_bitwise_like_a_local_run(runs):
     assert any(n.startswith(f"run/checkpoints/{step}/state/") for n in names)
     assert any(n.startswith(f"run/checkpoints/{step}/data/") for n in names)  # iterator
   assert "run/config.json" in names
-  assert len([n for n in names if n.startswith("run/tensorboard/events.out.tfevents")]) == 2
+  events = [n for n in names if n.startswith("run/tensorboard/events.out.tfevents")]
+  assert len(events) == 2  # one file per invocation, in order of creation time
+  logged = [event_tags(bucket_bytes(n)) for n in sorted(events)]
+  assert ("loss", 2) in logged[0] and ("loss", 4) in logged[1]
+  assert ("reconstructions", 4) in logged[1]
   assert "run/reconstructions/step_00000004.png" in names
-  rows = [json.loads(r) for r in bucket_text("run/metrics.jsonl").splitlines()]
+  rows = [json.loads(r) for r in bucket_bytes("run/metrics.jsonl").decode().splitlines()]
   local_rows = [json.loads(r) for r in open(os.path.join(local, "metrics.jsonl"))]
   assert [r["step"] for r in rows] == [r["step"] for r in local_rows] == [2, 4]
   assert [r["loss"] for r in rows] == [r["loss"] for r in local_rows]
@@ -162,23 +188,34 @@ def test_load_pretrained_from_a_bucket_equals_the_local_load(runs):
   assert params_equal(params, local_params) and params_equal(params, remote_state["params"])
 
 
-@inside
-def test_image_folder_in_a_bucket_gives_the_same_batches(image_folder):
-  from mae_jax.data import pipeline, sources
-  local, remote = image_folder
+def assert_same_batches(dataset, local, remote, batch_size):
+  from mae_jax.data import pipeline
   batches = []
-  for root in (local, remote):
-    source = sources.folder_source(root, "train")
-    config = dict(dataset="folder", data_dir=root)
-    loader = pipeline.make_train_loader(config, image_size=32, global_batch_size=16, seed=0,
-                                        source=source)
-    it = iter(loader)
+  for data_dir in (local, remote):
+    config = ml_collections.ConfigDict(dict(dataset=dataset, data_dir=data_dir))
+    it = iter(pipeline.make_train_loader(config, image_size=32, global_batch_size=batch_size,
+                                         seed=0))
     batches.append([next(it) for _ in range(2)])
-  assert repr(sources.folder_source(local)) == repr(sources.folder_source(remote))
   for a, b in zip(*batches):
-    assert set(a) == set(b)
+    assert set(a) == set(b) and "image" in a
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
+
+
+@inside
+def test_image_folder_in_a_bucket_gives_the_same_batches(image_folder):
+  from mae_jax.data import sources
+  local, remote = image_folder
+  assert repr(sources.folder_source(local)) == repr(sources.folder_source(remote))
+  assert_same_batches("folder", local, remote, batch_size=16)
+
+
+@inside
+def test_tfds_data_in_a_bucket_gives_the_same_batches(tmp_path, emulator):
+  from test_data import MaeJaxTestImages
+  MaeJaxTestImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  local, remote = copy_to_bucket(tmp_path, f"{emulator}/tfds")
+  assert_same_batches("mae_jax_test_images", local, remote, batch_size=4)
 
 
 @inside
