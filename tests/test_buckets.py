@@ -179,13 +179,19 @@ def test_demo_run_in_a_bucket_resumes_bitwise_like_a_local_run(runs):
 
 
 @inside
-def test_load_pretrained_from_a_bucket_equals_the_local_load(runs):
-  from mae_jax import load_pretrained
+def test_load_pretrained_from_a_bucket_equals_the_local_load(runs, emulator):
+  from etils import epath
+  from mae_jax import checkpointing, load_pretrained
   local, _, remote, remote_state = runs
   params, config = load_pretrained(remote)
   local_params, local_config = load_pretrained(local)
   assert config == local_config
   assert params_equal(params, local_params) and params_equal(params, remote_state["params"])
+  # A step a killed save left unfinished (no commit_success.txt in a bucket) is no checkpoint.
+  (epath.Path(emulator) / "partial" / "checkpoints" / "8" / "state" / "x").write_text("")
+  assert checkpointing.read_saved_run(f"{emulator}/partial") is None
+  with pytest.raises(ValueError, match="reads its own Orbax checkpoints"):
+    load_pretrained(f"{emulator}/partial")
 
 
 def assert_same_batches(dataset, local, remote, batch_size):
