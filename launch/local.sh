@@ -9,7 +9,7 @@
 # With several processes, the console shows process 0; the others log to a temporary folder.
 set -euo pipefail
 workdir=${1:?WORKDIR}; shift
-[[ "$workdir" == /* ]] || workdir="$PWD/$workdir"  # relative to the caller, not to the repo
+[[ "$workdir" == /* || "$workdir" == gs://* ]] || workdir="$PWD/$workdir"  # relative to the caller
 [[ $# -gt 0 ]] || set -- --config=configs/demo.py
 cd "$(dirname "$0")/.."
 if [[ -n "${FAKE_DEVICES:-}" ]]; then

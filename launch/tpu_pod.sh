@@ -4,11 +4,13 @@
 #   launch/tpu_pod.sh setup TPU_NAME ZONE            # copy this checkout, install on all workers
 #   launch/tpu_pod.sh run   TPU_NAME ZONE WORKDIR [main.py flags...]
 #
-# WORKDIR must be one shared directory seen by every worker at the same path (e.g. a
-# gcsfuse-mounted bucket or Filestore): Orbax writes one checkpoint from all hosts.
-# Example:
-#   launch/tpu_pod.sh run my-v4-64 us-central2-b /mnt/bucket/mae_b16 \
-#     --config=configs/base.py:variant=B/16 --config.input.data_dir=/mnt/bucket/tfds
+# WORKDIR must be one location every worker sees: a Cloud Storage bucket path (gs://...,
+# written directly, with the VM's service account) or a shared directory (e.g. Filestore).
+# Orbax writes one checkpoint from all hosts. Examples:
+#   launch/tpu_pod.sh run my-v4-64 us-central2-b gs://my-bucket/runs/mae_b16 \
+#     --config=configs/base.py:variant=B/16 --config.input.data_dir=gs://my-bucket/tfds
+#   launch/tpu_pod.sh run my-v4-64 us-central2-b /mnt/filestore/mae_b16 \
+#     --config=configs/base.py:variant=B/16 --config.input.data_dir=/mnt/filestore/tfds
 set -euo pipefail
 action=${1:?setup or run}; tpu=${2:?TPU name}; zone=${3:?zone}; shift 3
 ssh_all() { gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command="$1"; }
@@ -17,7 +19,7 @@ case "$action" in
   setup)
     repo=$(cd "$(dirname "$0")/.." && pwd)
     gcloud compute tpus tpu-vm scp --recurse --zone="$zone" --worker=all "$repo" "$tpu":~/mae_jax
-    ssh_all 'cd ~/mae_jax && python3 -m pip install -U "jax[tpu]" && python3 -m pip install -e .'
+    ssh_all 'cd ~/mae_jax && python3 -m pip install -U "jax[tpu]" && python3 -m pip install -e ".[gcs]"'
     ;;
   run)
     workdir=${1:?WORKDIR}; shift

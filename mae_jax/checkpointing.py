@@ -11,13 +11,14 @@ back with their saved shapes and dtypes, and optimizer states keep their structu
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
+from etils import epath
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from mae_jax import storage
 from mae_jax.config import ModelConfig, config_from_dict
 from mae_jax.mae import Params, init_params
 
@@ -39,8 +40,8 @@ def abstract_params(config: ModelConfig, encoder_only: bool = False) -> Params:
 
 def save_params(path: str, params: Params, config: ModelConfig) -> None:
   """Writes a standalone Orbax params checkpoint; refuses to overwrite an existing one."""
-  path = os.path.abspath(path)
-  if os.path.exists(path):
+  path = storage.path(path)
+  if path.exists():
     raise FileExistsError(f"{path} exists; refusing to overwrite it")
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     ckptr.save(path, ocp.args.Composite(
@@ -49,44 +50,48 @@ def save_params(path: str, params: Params, config: ModelConfig) -> None:
                                   "encoder_only": "decoder" not in params})))
 
 
-def _steps(root: str) -> list[int]:
-  """Finished steps under a checkpoints folder (Orbax renames a step dir when it commits)."""
-  return [int(n) for n in os.listdir(root) if n.isdigit()] if os.path.isdir(root) else []
+def _steps(root: epath.Path) -> list[int]:
+  """Finished steps under a checkpoints folder: Orbax renames a step dir when it commits on
+  a disk, and marks it with a commit file in a bucket (where renaming is not atomic)."""
+  if not root.is_dir():
+    return []
+  return [int(p.name) for p in root.iterdir()
+          if p.name.isdigit() and ocp.path.step.is_path_finalized(p)]
 
 
-def latest_step_dir(path: str) -> str:
+def latest_step_dir(path: str | epath.Path) -> epath.Path:
   """A workdir or its checkpoints/ folder -> the newest finished step directory."""
-  root = os.path.join(path, CHECKPOINTS) if os.path.isdir(os.path.join(path, CHECKPOINTS)) \
-      else path
+  path = storage.path(path)
+  root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
   steps = _steps(root)
   if not steps:
     raise FileNotFoundError(f"no finished checkpoint under {root}")
-  return os.path.join(root, str(max(steps)))
+  return root / str(max(steps))
 
 
-def is_orbax_dir(path: str) -> bool:
+def is_orbax_dir(path: str | epath.Path) -> bool:
   """True for a params checkpoint, a training step directory, or a training workdir."""
-  if not os.path.isdir(path):
+  path = storage.path(path)
+  if not path.is_dir():
     return False
-  if os.path.isdir(os.path.join(path, "config")):
+  if (path / "config").is_dir():
     return True
-  return bool(_steps(os.path.join(path, CHECKPOINTS)) or _steps(path))
+  return bool(_steps(path / CHECKPOINTS) or _steps(path))
 
 
-def load_params(path: str) -> tuple[Params, ModelConfig]:
+def load_params(path: str | epath.Path) -> tuple[Params, ModelConfig]:
   """Reads (params, config) from a params checkpoint, a training step dir or a workdir."""
-  path = os.path.abspath(path)
-  if not os.path.isdir(os.path.join(path, "config")):
+  path = storage.path(path)
+  if not (path / "config").is_dir():
     path = latest_step_dir(path)
-  with open(os.path.join(path, "config", "metadata")) as f:
-    meta = json.load(f)
+  meta = json.loads((path / "config" / "metadata").read_text())
   task = meta.get("task", "pretrain")  # checkpoints from before tasks existed are MAEs
   if task != "pretrain":
     raise ValueError(f"{path} is a checkpoint of task {task!r}, not an MAE (pretraining) "
                      "checkpoint")
   config = config_from_dict(meta["model"])
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    if os.path.isdir(os.path.join(path, "params")):
+    if (path / "params").is_dir():
       target = abstract_params(config, meta.get("encoder_only", False))
       restored = ckptr.restore(path, ocp.args.Composite(params=ocp.args.StandardRestore(target)))
       return restored["params"], config
@@ -128,11 +133,11 @@ def read_task_params(path: str, target: Params) -> Params:
 
 def read_saved_run(workdir: str) -> dict[str, Any] | None:
   """The JSON saved with the newest checkpoint of a workdir plus its `step`, or None."""
-  if not _steps(os.path.join(workdir, CHECKPOINTS)):
+  if not _steps(storage.path(workdir) / CHECKPOINTS):
     return None
   step_dir = latest_step_dir(workdir)
-  with open(os.path.join(step_dir, "config", "metadata")) as f:
-    return {**json.load(f), "step": int(os.path.basename(step_dir))}
+  return {**json.loads((step_dir / "config" / "metadata").read_text()),
+          "step": int(step_dir.name)}
 
 
 class TrainCheckpointer:
@@ -145,7 +150,7 @@ class TrainCheckpointer:
 
   def __init__(self, workdir: str, *, keep: int):
     self.manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), CHECKPOINTS),
+        storage.path(workdir) / CHECKPOINTS,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=True, create=True),

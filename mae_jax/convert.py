@@ -37,7 +37,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from mae_jax import checkpointing, hf_format
+from mae_jax import checkpointing, hf_format, storage
 from mae_jax.config import FIELDS, VARIANTS, ModelConfig, model_config
 from mae_jax.mae import Params
 from mae_jax.posemb import sincos_2d
@@ -406,13 +406,17 @@ def load_pretrained(path: str, config: ModelConfig | None = None) -> tuple[Param
   compiled or written.
   """
   path = os.fspath(path)
-  if not os.path.exists(path):
+  storage.check(path, "weights")
+  if not storage.path(path).exists():
     raise FileNotFoundError(f"{path} does not exist")
   if checkpointing.is_orbax_dir(path):
     params, saved = checkpointing.load_params(path)
     if config is not None:
       _check_config(config, _arch_of(saved, "decoder" not in params), path)
     return params, config if config is not None else saved
+  if storage.is_bucket(path):
+    raise ValueError(f"{path}: from a bucket, mae_jax reads its own Orbax checkpoints and "
+                     "workdirs; copy .pth and Hugging Face files to a local disk first")
 
   hf_fields = None
   if os.path.isdir(path):
@@ -476,14 +480,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("dst", help="Orbax checkpoint directory to create (never overwritten)")
   add_config_flags(parser)
   args = parser.parse_args(argv)
-  if os.path.exists(args.dst):
-    parser.exit(2, f"error: {args.dst} exists; refusing to overwrite it\n")  # as argparse
   try:
+    storage.check(args.dst, "DST")
+    if storage.path(args.dst).exists():
+      parser.exit(2, f"error: {args.dst} exists; refusing to overwrite it\n")  # as argparse
     src = args.src
+    storage.check(src, "SRC")
     if (checkpointing.is_orbax_dir(src)
-        and not os.path.isdir(os.path.join(src, "config"))):  # a workdir: its newest step
+        and not (storage.path(src) / "config").is_dir()):  # a workdir: its newest step
       src = checkpointing.latest_step_dir(src)
-      print(f"reading step {os.path.basename(src)} of {args.src}")
+      print(f"reading step {src.name} of {args.src}")
     params, config = load_pretrained(src, config_from_flags(args))
   except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
     parser.exit(1, f"error: {e}\n")

@@ -227,6 +227,9 @@ def export(params: Params, config: ModelConfig, dst: str | os.PathLike[str], fmt
   Checks first: DST must not exist and the format must hold the request. Files are written
   under a temporary name and renamed at the end, so a failed export leaves no DST behind.
   """
+  if "://" in os.fspath(dst):
+    raise ValueError(f"{os.fspath(dst)}: export writes to a local disk (it renames a finished "
+                     "export into place); copy the result to a bucket afterwards")
   dst = os.path.normpath(os.fspath(dst))
   if os.path.lexists(dst):
     raise FileExistsError(f"{dst} exists; refusing to overwrite it")

@@ -34,7 +34,8 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Training config file (ml_collections), e.g. "
                                   "configs/demo.py; fields by --config.<field>=<value>.",
                                   lock_config=True)
-  flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and images go; a run in an "
+  flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and images go: a directory "
+                      "or a bucket path (gs://bucket/path, with the gcs extra); a run in an "
                       "existing workdir resumes from its newest checkpoint.")
   flags.DEFINE_bool("print_config", False, "Print the config (every field, with the overrides "
                     "applied) and exit.")

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any
 
+from etils import epath
 import numpy as np
-from tensorboardX import SummaryWriter
+from tensorboardX import SummaryWriter, record_writer
 
+from mae_jax import storage
 from mae_jax.config import ModelConfig
 
 # Dense bfloat16 peak FLOP/s of one device, by jax's device_kind (vendor figures). Exact
@@ -52,6 +53,36 @@ def train_flops_per_image(cfg: ModelConfig) -> float:
   return 3.0 * fwd
 
 
+class _BucketEventFile:
+  """A TensorBoard events file in a bucket, through epath: a bucket object cannot be
+  appended to, so each flush rewrites the events so far (as tf.io.gfile does on GCS)."""
+
+  def __init__(self, path: str):
+    self._file, self._data = epath.Path(path), bytearray()
+
+  def write(self, data: bytes) -> None:
+    self._data += data
+
+  def flush(self) -> None:
+    self._file.write_bytes(bytes(self._data))
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _BucketEventFiles:
+  """tensorboardX's writer factory for gs:// (its own needs google-cloud-storage's client)."""
+
+  def open(self, path: str) -> _BucketEventFile:
+    return _BucketEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # a bucket has no folders to create
+
+
+record_writer.register_writer_factory("gs", _BucketEventFiles())
+
+
 class MetricWriter:
   """Writes scalars to TensorBoard and `metrics.jsonl`, images to TensorBoard.
 
@@ -61,8 +92,8 @@ class MetricWriter:
   def __init__(self, workdir: str, enabled: bool):
     self.enabled = enabled
     if enabled:
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._tb = SummaryWriter(str(storage.path(workdir) / "tensorboard"))
+      self._jsonl = storage.GrowingFile(storage.path(workdir) / "metrics.jsonl")
 
   def scalars(self, step: int, values: dict[str, Any]) -> None:
     if not self.enabled:
@@ -71,7 +102,6 @@ class MetricWriter:
     for k, v in values.items():
       self._tb.add_scalar(k, v, step)
     self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
-    self._jsonl.flush()
 
   def image(self, step: int, tag: str, image: np.ndarray) -> None:
     if self.enabled:

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mae_jax import storage
 from mae_jax.config import ModelConfig
 from mae_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mae_jax.mae import MAEOutput, mae_apply
@@ -80,8 +81,10 @@ def grid_image(columns: Sequence[np.ndarray], titles: Sequence[str], scale: int 
   return np.asarray(image).reshape(canvas.shape)
 
 
-def save_png(path: str, image: np.ndarray) -> None:
-  Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(path)
+def save_png(path: str | os.PathLike[str], image: np.ndarray) -> None:
+  """Writes a uint8 [H, W, C] image as a PNG file, locally or in a bucket (gs://)."""
+  with storage.path(path).open("wb") as f:
+    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(f, format="PNG")
 
 
 def load_images(folder: str, image_size: int, num_images: int, mean: tuple[float, ...],

@@ -68,8 +68,8 @@ def test_local_launcher_resolves_a_relative_workdir_against_the_caller(tmp_path,
                   command=[os.path.join(ROOT, "launch", "local.sh")])
   assert proc.returncode == 1
   assert error_lines(proc.stderr) == [
-      f"error: workdir '{tmp_path}/run' must be a directory path on a filesystem every host "
-      "sees (for a bucket, mount it, e.g. with gcsfuse)"]
+      f"error: workdir '{tmp_path}/run' is a file; it must be a directory that every host "
+      "sees (a shared filesystem, or a bucket: gs://bucket/path)"]
 
 
 def test_only_our_own_checks_lose_their_traceback():

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from typing import Any, Iterator
 
 from absl import logging as absl_logging
+from etils import epath
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mae_jax import storage
 from mae_jax.data import demo
 
 # The extensions torchvision's ImageFolder (used by the reference MAE) accepts.
@@ -32,7 +33,7 @@ IMAGE_EXTENSIONS = (
 class ImageFolderSource:
   """Image files listed once, read lazily; records carry bytes and the label."""
 
-  def __init__(self, root: str, paths: list[str], labels: list[int],
+  def __init__(self, root: epath.Path, paths: list[str], labels: list[int],
                classes: list[str]):
     self.root = root
     self.paths = paths
@@ -47,8 +48,7 @@ class ImageFolderSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     path = self.paths[index]
-    with open(os.path.join(self.root, path), "rb") as f:
-      data = f.read()
+    data = (self.root / path).read_bytes()
     return {"image": data, "label": self.labels[index], "file_name": path}
 
   def __repr__(self) -> str:
@@ -58,25 +58,24 @@ class ImageFolderSource:
 
 
 def folder_source(root: str, split: str = "train") -> ImageFolderSource:
-  """Lists `root/<split>/<class>/**/<image>` in sorted, deterministic order."""
-  split_dir = os.path.join(os.path.expanduser(root), split)
-  if not os.path.isdir(split_dir):
+  """Lists `root/<split>/<class>/**/<image>` in sorted, deterministic order; `root` is a
+  local folder or a bucket path (gs://)."""
+  storage.check(root, "image folder")
+  split_dir = storage.path(root) / split
+  if not split_dir.is_dir():
     raise FileNotFoundError(
-        f"Image folder {split_dir!r} does not exist: expected the layout "
+        f"Image folder {str(split_dir)!r} does not exist: expected the layout "
         f"{root}/{split}/<class>/<image>.jpg (as torchvision ImageFolder).")
-  classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+  classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
   paths, labels = [], []
   for label, name in enumerate(classes):
-    found = []
-    for dirpath, _, files in os.walk(os.path.join(split_dir, name),
-                                     followlinks=True):
-      found += [os.path.relpath(os.path.join(dirpath, f), split_dir)
-                for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    found = [str(f.relative_to(split_dir)) for f in storage.walk_files(split_dir / name)
+             if f.name.lower().endswith(IMAGE_EXTENSIONS)]
     paths += sorted(found)
     labels += [label] * len(found)
   if not paths:
     raise FileNotFoundError(
-        f"Image folder {split_dir!r} has no images: expected "
+        f"Image folder {str(split_dir)!r} has no images: expected "
         f"{split_dir}/<class>/<image> with extensions {IMAGE_EXTENSIONS}.")
   return ImageFolderSource(split_dir, paths, labels, classes)
 
@@ -99,6 +98,7 @@ def tfds_source(name: str, split: str,
   Image features are returned as encoded bytes (tfds decoding skipped) so that
   `DecodeImage` handles every image mode and skips corrupt ones.
   """
+  storage.check(data_dir, "tfds data_dir")
   with quiet_absl():  # tfds warns about each folder of a dataset that is not prepared
     builder = tfds.builder(name, data_dir=data_dir)
     prepared = builder.is_prepared()
@@ -129,6 +129,9 @@ def tfds_source(name: str, split: str,
 def demo_source(split: str = "train",
                 cache_dir: str | None = None) -> ImageFolderSource:
   """The bundled demo photographs (built once offline), split 'train' or 'val'."""
+  if cache_dir is not None and "://" in cache_dir:
+    raise ValueError(f"the demo data cache {cache_dir!r} must be a local folder; for images "
+                     "in a bucket use dataset='folder'")
   return folder_source(demo.build_demo(cache_dir), split)
 
 

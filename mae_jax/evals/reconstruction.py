@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 
-from mae_jax import sharding, visualize
+from mae_jax import sharding, storage, visualize
 from mae_jax.config import ModelConfig
 from mae_jax.data import pipeline
 from mae_jax.mae import forward
@@ -72,15 +72,15 @@ class ReconstructionEvaluator:
 
 
 def write_grid(workdir: str, step: int, panels: np.ndarray, first_step: int,
-               first: np.ndarray, mask_ratio: float, writer: MetricWriter) -> str:
+               first: np.ndarray, mask_ratio: float, writer: MetricWriter) -> epath.Path:
   """Writes original | masked | reconstruction at `first_step` and at `step` | the latter
   pasted into the visible patches, as a PNG and to TensorBoard; returns the PNG's path."""
   columns = [panels[:, 0], panels[:, 1], first[:, 2], panels[:, 2], panels[:, 3]]
   titles = ["original", f"masked {mask_ratio:.0%}", f"output, step {first_step}",
             f"output, step {step}", "output + visible"]
   grid = visualize.grid_image(columns, titles, visualize.display_scale(panels.shape[2]))
-  path = os.path.join(workdir, "reconstructions", f"step_{step:08d}.png")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  path = storage.path(workdir) / "reconstructions" / f"step_{step:08d}.png"
+  path.parent.mkdir(parents=True, exist_ok=True)
   visualize.save_png(path, grid)
   writer.image(step, "reconstructions", grid)
   logging.getLogger(__name__).info("reconstructions: %s", path)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -24,7 +23,7 @@ import time
 import jax
 import ml_collections
 
-from mae_jax import checkpointing, evals, metrics as metrics_lib, sharding, tasks
+from mae_jax import checkpointing, evals, metrics as metrics_lib, sharding, storage, tasks
 from mae_jax.data import pipeline
 from mae_jax.trainer.setup import (Plan, check_resumable, checkpoint_config,
                                    plan_and_optimizer, run_signature)
@@ -88,9 +87,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   # --- Checks: nothing compiled or written before these pass. ---
   task = tasks.make_task(config)
   check_batch(config.batch_size, jax.device_count(), config.grad_accum_steps)
-  if "://" in workdir or os.path.isfile(workdir):
-    raise ValueError(f"workdir {workdir!r} must be a directory path on a filesystem every host "
-                     "sees (for a bucket, mount it, e.g. with gcsfuse)")
+  storage.check(workdir, "workdir")
+  if storage.path(workdir).is_file():
+    raise ValueError(f"workdir {workdir!r} is a file; it must be a directory that every host "
+                     "sees (a shared filesystem, or a bucket: gs://bucket/path)")
   source = task.train_source()
   plan, schedule, tx = plan_and_optimizer(config, task, len(source))
   run = run_signature(config, plan, task)
@@ -109,10 +109,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
 
   # --- Set-up. ---
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  storage.path(workdir).mkdir(parents=True, exist_ok=True)
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (storage.path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
   abstract = abstract_state(task, tx)
   shardings = sharding.tree_sharding(mesh, abstract)
   data_iter = iter(loader)
@@ -226,8 +225,8 @@ def run_evaluators(evaluators: list[evals.Evaluator], state: State, step: int, w
 def write_results(workdir: str, step: int, results: dict[str, float]) -> None:
   """Process 0 writes the final evaluation scalars to WORKDIR/results.json."""
   if results and jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump({"step": step, **results}, f, indent=2)
+    (storage.path(workdir) / "results.json").write_text(
+        json.dumps({"step": step, **results}, indent=2))
 
 
 def log_summary(workdir: str, first_step: int, step: int, seconds: float,
@@ -237,9 +236,10 @@ def log_summary(workdir: str, first_step: int, step: int, seconds: float,
   loss = (f"; loss {losses[first]:.4f} (step {first}) -> {losses[last]:.4f} (step {last})"
           if losses else "")
   log.info("trained steps %d -> %d in %s%s", first_step, step, metrics_lib.hms(seconds), loss)
-  log.info("checkpoint: %s", os.path.join(workdir, "checkpoints", str(checkpoint_step)))
-  log.info("metrics: %s", os.path.join(workdir, "metrics.jsonl"))
-  log.info("tensorboard --logdir %s", os.path.join(workdir, "tensorboard"))
+  workdir = storage.path(workdir)
+  log.info("checkpoint: %s", workdir / checkpointing.CHECKPOINTS / str(checkpoint_step))
+  log.info("metrics: %s", workdir / "metrics.jsonl")
+  log.info("tensorboard --logdir %s", workdir / "tensorboard")
 
 
 def start_from(task: tasks.Task, tx, state: State, loaded, shardings) -> State:
