@@ -104,9 +104,9 @@ def load_params(path: str | epath.Path) -> tuple[Params, ModelConfig]:
     return restored["state"]["params"], config
 
 
-def _step_dir(path: str) -> str:
-  path = os.path.abspath(path)
-  return path if os.path.isdir(os.path.join(path, "config")) else latest_step_dir(path)
+def _step_dir(path: str | epath.Path) -> epath.Path:
+  path = storage.path(path)
+  return path if (path / "config").is_dir() else latest_step_dir(path)
 
 
 def saved_meta(path: str) -> dict[str, Any] | None:
@@ -114,8 +114,7 @@ def saved_meta(path: str) -> dict[str, Any] | None:
   or of a folder of steps such as WORKDIR/best); None for anything else."""
   if not is_orbax_dir(path):
     return None
-  with open(os.path.join(_step_dir(path), "config", "metadata")) as f:
-    return json.load(f)
+  return json.loads((_step_dir(path) / "config" / "metadata").read_text())
 
 
 def read_task_params(path: str, target: Params) -> Params:
@@ -195,7 +194,7 @@ class BestCheckpointer:
   def __init__(self, workdir: str, metric: str):
     self.metric = metric
     self.manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), BEST),
+        storage.path(workdir) / BEST,
         options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "config": ocp.JsonCheckpointHandler()})
