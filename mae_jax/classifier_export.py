@@ -61,11 +61,11 @@ def _infer_encoder(sd: StateDict, hf: dict[str, Any], path: str, num_heads: int 
   """The encoder of a models_vit-named state dict: sizes from shapes; heads and eps from a
   Hugging Face config.json, else from the flags (a .pth holds neither) or the paper's."""
   conv, pos = sd["patch_embed.proj.weight"], sd["pos_embed"]  # [D, C, p, p], [1, 1 + N, D]
-  width = conv.shape[0]
-  grid = math.isqrt(pos.shape[1] - 1)
-  if conv.ndim != 4 or conv.shape[2] != conv.shape[3] or grid * grid + 1 != pos.shape[1]:
+  grid = math.isqrt(pos.shape[1] - 1) if pos.ndim == 3 and pos.shape[1] > 1 else 0
+  if conv.ndim != 4 or conv.shape[2] != conv.shape[3] or not grid or grid**2 + 1 != pos.shape[1]:
     raise ValueError(f"{path}: only square patches on a square grid are supported "
                      f"(patch_embed {conv.shape}, pos_embed {pos.shape})")
+  width = conv.shape[0]
   if hf:
     heads = _agree("num_heads", hf.get("num_attention_heads", HF_DEFAULT_HEADS), num_heads, path)
     eps = _agree("layer_norm_eps", hf.get("layer_norm_eps", HF_DEFAULT_EPS), layer_norm_eps,
