@@ -280,7 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m mae_jax.export",
       description="Export MAE weights (anything load_pretrained reads: a workdir, an Orbax "
-                  "params checkpoint, an official .pth, a Hugging Face directory) to the "
+                  "params checkpoint, an official .pth, a Hugging Face directory), or a "
+                  "fine-tuned classifier (a fine-tuning workdir or its best/, an official "
+                  "fine-tuned .pth, a ViTForImageClassification directory), to the "
                   "Hugging Face, timm or official format.")
   parser.add_argument("src", help="weights to read")
   parser.add_argument("dst", help="directory (hf, timm) or .pth file (official) to create; "
