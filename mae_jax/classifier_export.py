@@ -232,7 +232,9 @@ def how_to_load(dst: str, fmt: str, model: FineTuned) -> str:
   if fmt == "timm":
     meta = timm_config(model)
     args = "".join(f", {k}={v!r}" for k, v in meta.get("model_args", {}).items())
+    # timm drops a head whose class count differs from the pretrained_cfg's: say it there too.
     return (f"timm.create_model({meta['architecture']!r}, pretrained=True, "
             f"num_classes={model.num_classes}, pretrained_cfg_overlay=dict(file="
-            f"{os.path.join(dst, 'model.safetensors')!r}){args})")
+            f"{os.path.join(dst, 'model.safetensors')!r}, num_classes={model.num_classes})"
+            f"{args})")
   return f"torch.load({dst!r}, weights_only=True)['model']  (models_vit.py names)"

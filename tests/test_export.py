@@ -351,7 +351,10 @@ def test_classifier_export_command_reads_every_source(tmp_path, capsys):
     src = src if os.path.isabs(src) else str(tmp_path / src)
     fmt = "official" if dst.endswith(".pth") else dst
     assert export.main([src, str(tmp_path / dst), "--format", fmt, *flags]) == 0
-    assert "classifier: 8 classes, pool 'cls'" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "classifier: 8 classes, pool 'cls'" in out
+    if fmt == "timm":  # else timm would drop the head, its class count unlike the variant's
+      assert "model.safetensors', num_classes=8)" in out
     written = str(tmp_path / dst / "model.safetensors" if fmt == "timm" else tmp_path / dst)
     back = classifier_export.read_classifier(written, num_heads=4)
     assert_trees_equal(back.params, model.params)
