@@ -11,7 +11,8 @@
     which torch.load and mae_jax's restricted reader both read.
 Every format holds the fixed sin-cos position embeddings, as the reference's state dict does.
 Weights stay float32, so `load_pretrained(DST)` gives back the same bits. Everything is checked
-before anything is written; DST is never overwritten.
+before anything is written; DST is never overwritten. A fine-tuned classifier as SRC is
+exported by `classifier_export` (ViTForImageClassification, timm's, models_vit.py's).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from mae_jax import convert, hf_format
-from mae_jax.config import VARIANTS, ModelConfig
+from mae_jax.config import FIELDS, VARIANTS, ModelConfig, ViTConfig
 from mae_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from mae_jax.mae import Params
 from mae_jax.posemb import sincos_2d
@@ -170,7 +171,7 @@ def save_official(sd: StateDict, path: str) -> None:
 
 # --- timm --------------------------------------------------------------------------------------
 
-def timm_config(config: ModelConfig) -> dict[str, Any]:
+def timm_config(config: ViTConfig) -> dict[str, Any]:
   """config.json in timm's hub form: architecture, model_args where sizes differ, pretrained_cfg.
 
   The architecture is the paper variant of the same width, depth, heads and patch size
@@ -237,19 +238,26 @@ def export(params: Params, config: ModelConfig, dst: str | os.PathLike[str], fmt
   if encoder_only:
     params = {"encoder": params["encoder"]}
   sd = state_dict(params, config)
+  if fmt == "official":
+    write(dst, sd)
+  elif fmt == "hf":
+    write(dst, hf_format.to_hf(sd, pretraining=not encoder_only),
+          hf_format.config_json(config, pretraining=not encoder_only))
+  else:
+    write(dst, sd, timm_config(config))
+
+
+def write(dst: str, weights: StateDict, meta: dict[str, Any] | None = None) -> None:
+  """`weights` as the official .pth `dst` (no `meta`), or as the directory `dst` holding
+  model.safetensors + config.json (`meta`). Written under a temporary name, then renamed."""
   tmp = f"{dst}.export-tmp"
   if os.path.lexists(tmp):
     raise FileExistsError(f"{tmp} exists (left by an interrupted export?); remove it first")
   os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-  if fmt == "official":
-    save_official(sd, tmp)
+  if meta is None:
+    save_official(weights, tmp)
   else:
     os.makedirs(tmp)
-    if fmt == "hf":
-      weights = hf_format.to_hf(sd, pretraining=not encoder_only)
-      meta = hf_format.config_json(config, pretraining=not encoder_only)
-    else:
-      weights, meta = sd, timm_config(config)
     save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(meta, f, indent=2)
@@ -275,7 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m mae_jax.export",
       description="Export MAE weights (anything load_pretrained reads: a workdir, an Orbax "
-                  "params checkpoint, an official .pth, a Hugging Face directory) to the "
+                  "params checkpoint, an official .pth, a Hugging Face directory), or a "
+                  "fine-tuned classifier (a fine-tuning workdir or its best/, an official "
+                  "fine-tuned .pth, a ViTForImageClassification directory), to the "
                   "Hugging Face, timm or official format.")
   parser.add_argument("src", help="weights to read")
   parser.add_argument("dst", help="directory (hf, timm) or .pth file (official) to create; "
@@ -287,11 +297,28 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if os.path.lexists(args.dst):
     parser.error(f"{args.dst} exists; refusing to overwrite it")
+  from mae_jax import classifier_export  # it builds on this module
   try:
-    params, config = convert.load_pretrained(args.src, convert.config_from_flags(args))
-    export(params, config, args.dst, args.fmt, args.encoder_only)
+    fine_tuned = classifier_export.read_classifier(args.src, args.num_heads, args.layer_norm_eps)
+    if fine_tuned is None:
+      params, config = convert.load_pretrained(args.src, convert.config_from_flags(args))
+      export(params, config, args.dst, args.fmt, args.encoder_only)
+    else:
+      sizes = [f"--{k}" for k in ("variant",) + FIELDS
+               if k not in ("num_heads", "layer_norm_eps") and getattr(args, k) is not None]
+      if sizes:
+        raise ValueError(f"{args.src} is a fine-tuned classifier, whose sizes come from its "
+                         f"weights: {', '.join(sizes)} cannot apply (--num_heads and "
+                         f"--layer_norm_eps can, where a .pth does not say them)")
+      classifier_export.export_classifier(fine_tuned, args.dst, args.fmt, args.encoder_only)
   except (ValueError, FileNotFoundError, FileExistsError, pickle.UnpicklingError) as e:
     parser.exit(1, f"error: {e}\n")
+  if fine_tuned is not None:
+    count = sum(x.size for x in jax.tree.leaves(fine_tuned.params))
+    print(f"wrote {args.dst} ({args.fmt}, classifier: {fine_tuned.num_classes} classes, pool "
+          f"{fine_tuned.pool!r}): {count:,} parameters")
+    print(f"load with: {classifier_export.how_to_load(args.dst, args.fmt, fine_tuned)}")
+    return 0
   kept = ("encoder",) if args.encoder_only else ("encoder", "decoder")
   count = sum(x.size for k in kept for x in jax.tree.leaves(params[k]))
   print(f"wrote {args.dst} ({args.fmt}, {' + '.join(kept)}): {count:,} parameters")

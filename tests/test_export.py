@@ -1,7 +1,9 @@
 """Export to Hugging Face, timm and the official format: parity with transformers, the key lists
 of the reference and timm, bitwise round trips, refusals before any write, and a demo run
-exported end to end.
+exported end to end; for pretrained MAEs and for fine-tuned classifiers.
 """
+import dataclasses
+import functools
 import json
 import os
 import sys
@@ -15,11 +17,16 @@ from safetensors import safe_open
 from transformers import ViTMAEForPreTraining, ViTMAEModel
 
 import convert_fixtures as fx
-from mae_jax import encode, export, init_params, load_pretrained, mae_apply, unpatchify
+from mae_jax import (checkpointing, classifier_export, encode, export, init_params,
+                     load_pretrained, mae_apply, unpatchify)
+from mae_jax.classifier import Classifier, init_classifier
 from mae_jax.config import model_config
 from mae_jax.data import pipeline
+from mae_jax.posemb import sincos_2d
+from mae_jax.tasks import make_task
 from mae_jax.trainer import train_and_evaluate
 from test_convert import IMAGES, NOISE, assert_trees_equal, rel_err, tiny_config
+from test_finetune import TINY, finetune_config
 from test_train import NO_RECON, config_with
 
 
@@ -235,3 +242,159 @@ def test_demo_run_exports_to_transformers(tmp_path, demo_dir):
   err = rel_err(got_images, unpatchify(want.pred, mae_config.patch_size))
   print(f"reconstruction rel err {err:.2e}, loss {loss:.4f} vs {float(want.loss):.4f}")
   assert err < 1e-4 and abs(loss - float(want.loss)) < 1e-4 * abs(loss)
+
+
+# --- Fine-tuned classifiers --------------------------------------------------------------------
+
+LABELS = ["cat", "dog", "owl", "fox", "elk", "yak", "emu", "gnu"]
+
+
+@functools.cache
+def fine_tuned(pool, encoder=TINY, seed=0):
+  """A tiny 8-class classifier with every leaf moved off its initial value (the trained
+  position embeddings are no sin-cos table); one per arguments, shared by the tests."""
+  params = init_classifier(Classifier(encoder, 8, pool), jax.random.key(seed))
+  leaves, tree = jax.tree.flatten(params)
+  rng = np.random.RandomState(seed)
+  params = jax.tree.unflatten(tree, [np.asarray(x) + 0.1 * rng.randn(*x.shape).astype(np.float32)
+                                     for x in leaves])
+  return classifier_export.FineTuned(params, encoder, 8, pool, LABELS)
+
+
+def classifier_keys(pool, d=64, depth=2, c=3, p=8, n=16, classes=8):
+  """{key: shape} of models_vit.py's VisionTransformer(global_pool=pool == 'avg').state_dict()
+  (timm's VisionTransformer with global_pool 'avg' / 'token' has the same): the final `norm`
+  is deleted for global pooling, which normalises with `fc_norm` instead."""
+  keys = reference_keys(d, depth, c, p, n)
+  if pool == "avg":
+    del keys["norm.weight"], keys["norm.bias"]
+    keys.update({"fc_norm.weight": (d,), "fc_norm.bias": (d,)})
+  keys.update({"head.weight": (classes, d), "head.bias": (classes,)})
+  return keys
+
+
+def test_classifier_hf_export_gives_the_logits_of_transformers(tmp_path):
+  from transformers import ViTForImageClassification
+  model = fine_tuned("cls")
+  classifier_export.export_classifier(model, tmp_path / "hf", "hf")
+  hf, info = ViTForImageClassification.from_pretrained(tmp_path / "hf",
+                                                       output_loading_info=True)
+  assert not any(info.values()), info
+  assert hf.config.id2label == dict(enumerate(LABELS)) and hf.config.num_labels == 8
+  with torch.no_grad():
+    got = hf.eval()(fx.nchw(IMAGES)).logits.numpy()
+  want = Classifier(TINY, 8, "cls").apply({"params": model.params}, IMAGES)
+  err = rel_err(want, got)
+  print(f"classifier logits rel err {err:.2e}")
+  assert err < 1e-4
+
+
+def test_classifier_official_and_timm_have_the_reference_keys(tmp_path):
+  for pool in ("avg", "cls"):
+    model = fine_tuned(pool)
+    classifier_export.export_classifier(model, tmp_path / f"{pool}.pth", "official")
+    checkpoint = torch.load(tmp_path / f"{pool}.pth", weights_only=True)
+    assert list(checkpoint) == ["model"]
+    sd = checkpoint["model"]
+    assert {k: tuple(v.shape) for k, v in sd.items()} == classifier_keys(pool)
+    assert {v.dtype for v in sd.values()} == {torch.float32}
+    # The trained position embeddings as they are, not the sin-cos table.
+    np.testing.assert_array_equal(sd["pos_embed"].numpy(), model.params["encoder"]["pos_embed"])
+    assert not np.allclose(sd["pos_embed"].numpy(), sincos_2d(64, 4, cls_token=True)[None])
+
+    classifier_export.export_classifier(model, tmp_path / f"timm_{pool}", "timm")
+    with safe_open(tmp_path / f"timm_{pool}" / "model.safetensors", "np") as f:
+      got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert got == classifier_keys(pool)
+    with open(tmp_path / f"timm_{pool}" / "config.json") as f:
+      meta = json.load(f)
+    timm_pool = {"avg": "avg", "cls": "token"}[pool]
+    assert meta["architecture"] == "vit_base_patch16_224" and meta["num_classes"] == 8
+    assert meta["global_pool"] == timm_pool and meta["label_names"] == LABELS
+    assert meta["pretrained_cfg"]["num_classes"] == 8
+    # What timm.create_model gets as arguments: global_pool only where it is not the default.
+    want_args = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
+    assert meta["model_args"] == {**want_args, **({"global_pool": "avg"} if pool == "avg"
+                                                  else {})}
+
+
+@pytest.mark.parametrize("fmt,pool", [("hf", "cls"), ("timm", "cls"), ("timm", "avg"),
+                                      ("official", "cls"), ("official", "avg")])
+def test_classifier_round_trip_through_the_finetune_task_is_bitwise(tmp_path, demo_dir, fmt,
+                                                                    pool):
+  model = fine_tuned(pool)
+  dst = tmp_path / ("out.pth" if fmt == "official" else "out")
+  classifier_export.export_classifier(model, dst, fmt)
+  src = str(dst / "model.safetensors" if fmt == "timm" else dst)
+  task = make_task(finetune_config(demo_dir, src, pool=pool))
+  kind, params = task.load_init(src)
+  assert kind == "classifier"
+  assert_trees_equal(params, model.params)
+  back = classifier_export.read_classifier(src, num_heads=None if fmt == "hf" else 4)
+  assert (back.encoder, back.num_classes, back.pool) == (TINY, 8, pool)
+  assert back.labels == (LABELS if fmt == "hf" else None)
+  assert_trees_equal(back.params, model.params)
+
+
+def test_classifier_export_command_reads_every_source(tmp_path, capsys):
+  """A fine-tuning workdir's best/ (as the trainer's BestCheckpointer writes it), an official
+  .pth and a Hugging Face directory, each exported by the command, give the same params."""
+  model = fine_tuned("cls")
+  best = checkpointing.BestCheckpointer(str(tmp_path / "ft"), "classification/top1")
+  best.update(4, {"params": model.params}, {"classification/top1": 0.5},
+              {"task": "finetune", "model": {**TINY.to_dict(), "num_classes": 8, "pool": "cls"}})
+  best.close()
+  steps = [(str(tmp_path / "ft" / "best"), "official.pth", []),
+           ("official.pth", "hf", ["--num_heads", "4"]),
+           ("hf", "timm", [])]
+  for src, dst, flags in steps:
+    src = src if os.path.isabs(src) else str(tmp_path / src)
+    fmt = "official" if dst.endswith(".pth") else dst
+    assert export.main([src, str(tmp_path / dst), "--format", fmt, *flags]) == 0
+    out = capsys.readouterr().out
+    assert "classifier: 8 classes, pool 'cls'" in out
+    if fmt == "timm":  # else timm would drop the head, its class count unlike the variant's
+      assert "model.safetensors', num_classes=8)" in out
+    written = str(tmp_path / dst / "model.safetensors" if fmt == "timm" else tmp_path / dst)
+    back = classifier_export.read_classifier(written, num_heads=4)
+    assert_trees_equal(back.params, model.params)
+  # A source that says its head count is not overridden by the flag.
+  with pytest.raises(SystemExit) as e:
+    export.main([steps[0][0], str(tmp_path / "new"), "--format", "official", "--num_heads", "8"])
+  assert e.value.code == 1 and "a classifier with num_heads 4, --num_heads says 8" in \
+      capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "new")
+
+
+def test_classifier_refusals_come_before_any_write(tmp_path, capsys):
+  avg, cls = fine_tuned("avg"), fine_tuned("cls")
+  classifier_export.export_classifier(avg, tmp_path / "avg.pth", "official")
+  before = listing(tmp_path)
+  with pytest.raises(FileExistsError, match="avg.pth exists; refusing to overwrite"):
+    classifier_export.export_classifier(cls, tmp_path / "avg.pth", "timm")
+  eps = fine_tuned("cls", dataclasses.replace(TINY, layer_norm_eps=1e-12))
+  for model, fmt, encoder_only, error in [
+      (avg, "hf", False, "pools globally .* use --format timm or --format official"),
+      (cls, "timm", True, "a fine-tuned classifier; --encoder_only exports an MAE encoder"),
+      (eps, "official", False, "layer_norm_eps is 1e-12, but official's model"),
+      (eps, "timm", False, "layer_norm_eps is 1e-12, but timm's model"),
+      (cls, "onnx", False, "unknown format 'onnx'")]:
+    with pytest.raises(ValueError, match=error):
+      classifier_export.export_classifier(model, tmp_path / "new", fmt, encoder_only)
+  assert listing(tmp_path) == before
+
+  # The command line: one line naming the problem, exit status 1, nothing written.
+  src = str(tmp_path / "avg.pth")
+  for flags, error in [(["--format", "hf", "--num_heads", "4"], "pools globally"),
+                       (["--format", "timm", "--num_heads", "4", "--encoder_only"],
+                        "--encoder_only exports"),
+                       (["--format", "timm", "--num_heads", "4", "--width", "64"],
+                        "--width cannot apply"),
+                       (["--format", "timm"], "width 64 is none of the paper's variants "
+                                              "([192, 384, 768, 1024, 1280]), so its head "
+                                              "count is unknown; pass --num_heads")]:
+    with pytest.raises(SystemExit) as e:
+      export.main([src, str(tmp_path / "new"), *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and error in err and err.count("\n") == 1, err
+  assert listing(tmp_path) == before
