@@ -213,9 +213,7 @@ def export_classifier(model: FineTuned, dst: str | os.PathLike[str], fmt: str,
                       encoder_only: bool = False) -> None:
   """Writes the classifier to `dst` in format `fmt`; checks first, as `export.export`: DST must
   not exist, the format must hold the classifier, and a failed export leaves no DST."""
-  dst = os.path.normpath(os.fspath(dst))
-  if os.path.lexists(dst):
-    raise FileExistsError(f"{dst} exists; refusing to overwrite it")
+  dst = export.check_dst(dst)
   check_request(model, fmt, encoder_only)
   sd = state_dict(model.params, model.encoder, model.pool)
   if fmt == "official":

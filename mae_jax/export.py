@@ -228,12 +228,7 @@ def export(params: Params, config: ModelConfig, dst: str | os.PathLike[str], fmt
   Checks first: DST must not exist and the format must hold the request. Files are written
   under a temporary name and renamed at the end, so a failed export leaves no DST behind.
   """
-  if "://" in os.fspath(dst):
-    raise ValueError(f"{os.fspath(dst)}: export writes to a local disk (it renames a finished "
-                     "export into place); copy the result to a bucket afterwards")
-  dst = os.path.normpath(os.fspath(dst))
-  if os.path.lexists(dst):
-    raise FileExistsError(f"{dst} exists; refusing to overwrite it")
+  dst = check_dst(dst)
   check_request(params, config, fmt, encoder_only)
   if encoder_only:
     params = {"encoder": params["encoder"]}
@@ -245,6 +240,18 @@ def export(params: Params, config: ModelConfig, dst: str | os.PathLike[str], fmt
           hf_format.config_json(config, pretraining=not encoder_only))
   else:
     write(dst, sd, timm_config(config))
+
+
+def check_dst(dst: str | os.PathLike[str]) -> str:
+  """`dst` normalised, or an error if it is a URL or exists: exports go to a local disk (a
+  finished export is renamed into place) and never overwrite."""
+  if "://" in os.fspath(dst):
+    raise ValueError(f"{os.fspath(dst)}: export writes to a local disk (it renames a finished "
+                     "export into place); copy the result to a bucket afterwards")
+  dst = os.path.normpath(os.fspath(dst))
+  if os.path.lexists(dst):
+    raise FileExistsError(f"{dst} exists; refusing to overwrite it")
+  return dst
 
 
 def write(dst: str, weights: StateDict, meta: dict[str, Any] | None = None) -> None:

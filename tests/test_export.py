@@ -372,6 +372,8 @@ def test_classifier_refusals_come_before_any_write(tmp_path, capsys):
   before = listing(tmp_path)
   with pytest.raises(FileExistsError, match="avg.pth exists; refusing to overwrite"):
     classifier_export.export_classifier(cls, tmp_path / "avg.pth", "timm")
+  with pytest.raises(ValueError, match="gs://b/ft: export writes to a local disk"):
+    classifier_export.export_classifier(cls, "gs://b/ft", "timm")
   eps = fine_tuned("cls", dataclasses.replace(TINY, layer_norm_eps=1e-12))
   for model, fmt, encoder_only, error in [
       (avg, "hf", False, "pools globally .* use --format timm or --format official"),
