@@ -66,6 +66,8 @@ def decode_rgb(image: bytes | np.ndarray, min_pixels: int = 0) -> np.ndarray:
         if scale > 1:
           pil.draft(None, (pil.size[0] // scale, pil.size[1] // scale))
       pil.load()
+      if pil.mode == "RGB":  # most JPEGs: convert('RGB') would only copy the pixels
+        return np.asarray(pil)
       if pil.mode not in _SIXTEEN_BIT_MODES:
         return np.asarray(pil.convert("RGB"))
       image = np.asarray(pil)
