@@ -80,6 +80,7 @@ def test_demo_end_to_end(tmp_path, demo_dir):
     assert r["epoch"] == r["step"] / 20
     assert r["lr"] == pytest.approx(peak * (r["step"] - 1) / 20, rel=1e-3)
   assert {"eta_s", "grad_norm", "step_time_s", "epoch", "data_skipped"} <= set(rows[1])
+  assert 0 < rows[1]["data_wait_s"] < rows[1]["step_time_s"]  # part of each step's time
   events = os.listdir(os.path.join(workdir, "tensorboard"))
   assert any(name.startswith("events.out.tfevents") for name in events)
   assert os.listdir(os.path.join(workdir, "reconstructions")) == ["step_00000004.png"]
