@@ -13,18 +13,19 @@ Rows (images/s; each repeat pulls `batches` batches of `batch` 224 px crops from
   * ours: `pipeline.make_train_loader` with configs/base.py's input fields, worker_count 0
     (this process: one core), then grain workers (--workers), and with `draft_decode`;
   * the host's share of the float normalise (what handing the device uint8 would save).
-Worker rows keep their iterator between repeats; each repeat first takes the batches the
-workers prepared while other rows ran (until one is not ready), then times fresh ones.
+The one-process rows are timed round-robin; worker rows (whose processes would keep working
+while other rows are timed) one after the other, each after its workers delivered a batch.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import random
 import tempfile
 import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -126,66 +127,67 @@ def pixel_difference(root: str, batches: int) -> tuple[float, float]:
   return float(diff.mean()), float(diff.max())
 
 
+def timed(iterator: Iterator, batches: int) -> float:
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(iterator)
+  return time.perf_counter() - start
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--images", type=int, default=64)
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--batches", type=int, default=4)
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--workers", type=int, default=os.cpu_count())
+  parser.add_argument("--workers", type=int, default=os.cpu_count(), help="0: skip those rows")
   args = parser.parse_args()
   torch.set_num_threads(1)
   tmp = tempfile.mkdtemp()
   folders = {k: make_folder(os.path.join(tmp, k), args.images, size)
              for k, size in SIZES.items()}
   b, n = args.batch, args.workers
-  # name: (iterator factory, whether it has workers, row it is compared to)
-  rows: dict[str, tuple[Callable[[], Iterator], bool, str]] = {}
+  # One process (one core), rows round-robin: name -> (iterator, row it is compared to).
+  rows: dict[str, tuple[Iterator, str]] = {}
   for k, root in folders.items():
     px = "x".join(map(str, SIZES[k]))
     ref = f"{px} reference, 1 process"
-    rows.update({
-        ref: (lambda r=root: reference_batches(r, b, 0), False, ref),
-        f"{px} ours, worker_count 0": (lambda r=root: our_batches(r, b, 0), False, ref),
-        f"{px} ours, worker_count 0, draft_decode": (
-            lambda r=root: our_batches(r, b, 0, draft=True), False, ref),
-    })
+    rows[ref] = (reference_batches(root, b, 0), ref)
+    rows[f"{px} ours, worker_count 0"] = (our_batches(root, b, 0), ref)
+    rows[f"{px} ours, worker_count 0, draft_decode"] = (our_batches(root, b, 0, draft=True), ref)
   root = folders["imagenet"]
-  ref = f"500x375 reference, DataLoader {n} workers"
-  rows.update({
-      "500x375 normalise alone (host share of float work)": (
-          lambda: normalise_only(root, b), False, "500x375 ours, worker_count 0"),
-      ref: (lambda: reference_batches(root, b, n), True, ref),
-      f"500x375 ours, {n} grain workers, buffer 2": (lambda: our_batches(root, b, n, 2), True,
-                                                      ref),
-      f"500x375 ours, {n} grain workers, buffer 1": (lambda: our_batches(root, b, n, 1), True,
-                                                      ref),
-      f"500x375 ours, {2 * n} grain workers, buffer 2": (lambda: our_batches(root, b, 2 * n, 2),
-                                                          True, ref),
-  })
-  iterators = {name: make() for name, (make, _, _) in rows.items()}
-  for it in iterators.values():
-    next(it)  # start-up: workers spawn, files are listed
+  rows["500x375 normalise alone (host share of float work)"] = (
+      normalise_only(root, b), "500x375 ours, worker_count 0")
+  for it, _ in rows.values():
+    next(it)  # start-up: files are listed, read threads start
   times = {name: [] for name in rows}
   for _ in range(args.repeats):
-    for name, it in iterators.items():
-      while rows[name][1]:  # take what the workers prepared while other rows ran
-        start = time.perf_counter()
-        next(it)
-        if time.perf_counter() - start > 0.005:  # not ready: the workers are busy now
-          break
-      start = time.perf_counter()
-      for _ in range(args.batches):
-        next(it)
-      times[name].append(time.perf_counter() - start)
+    for name, (it, _) in rows.items():
+      times[name].append(timed(it, args.batches))
+  # Worker processes keep producing while other rows run, so these rows are timed one after
+  # the other, each with its own iterator (after its first batch: workers started).
+  ref = f"500x375 reference, DataLoader {n} workers"
+  worker_rows = {
+      ref: lambda: reference_batches(root, b, n),
+      f"500x375 ours, {n} grain workers, buffer 2": lambda: our_batches(root, b, n, 2),
+      f"500x375 ours, {n} grain workers, buffer 1": lambda: our_batches(root, b, n, 1),
+      f"500x375 ours, {2 * n} grain workers, buffer 2": lambda: our_batches(root, b, 2 * n, 2),
+  } if n else {}
+  for name, make in worker_rows.items():
+    it = make()
+    next(it)
+    times[name] = [timed(it, args.batches * n) / n for _ in range(args.repeats)]
+    rows[name] = (it, ref)
+    del it
+    gc.collect()
   mean_diff, max_diff = pixel_difference(folders["large"], 4)
   print(f"{args.images} JPEGs per size, batch {b}, {args.batches} batches, median of "
         f"{args.repeats}, {os.cpu_count()} cpus, load average at the end "
         f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
   rates = {name: args.batches * b / np.median(t) for name, t in times.items()}
   for name, rate in rates.items():
-    print(f"  {name:52s} {rate:8.1f} images/s   x{rate / rates[rows[name][2]]:5.2f} of "
-          f"{rows[name][2]}")
+    print(f"  {name:52s} {rate:8.1f} images/s   x{rate / rates[rows[name][1]]:5.2f} of "
+          f"{rows[name][1]}")
   print(f"draft_decode on 2000x1500 JPEGs: mean |difference| {mean_diff:.2f}, max "
         f"{max_diff:.0f} grey levels of 255 (same crops)")
 
