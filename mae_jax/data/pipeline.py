@@ -22,8 +22,8 @@ the hosts' batches into one global `jax.Array`. The loader is grain's
   worker_buffer_size: batches each worker prepares ahead. Default 1.
   draft_decode: decode JPEGs at 1/2, 1/4 or 1/8 size (libjpeg DCT scaling) when every
     RandomResizedCrop box of the reduced image is still >= image_size on both sides: much
-    faster on photos several times the crop's size, slightly different pixels (a mean
-    absolute difference of ~1 grey level of 255 on large photos, benchmarks/input_pipeline.py).
+    faster on photos several times the crop's size, slightly different pixels (mean absolute
+    difference 1.3 grey levels of 255 on 2000x1500 photos, benchmarks/input_pipeline.py).
     ImageNet-sized (~500x375) images at 224 px always decode at full size. Default False.
   randaugment: a timm RandAugment spec applied after the flip (fine-tuning:
     'rand-m9-mstd0.5-inc1'). Default None (off).
