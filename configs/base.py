@@ -47,6 +47,7 @@ def run_config(task: str, *, epochs: float, warmup_epochs: float, batch_size: in
   config.input.std = IMAGENET_STD
   config.input.worker_count = 16  # grain decoding processes per host
   config.input.worker_buffer_size = 2
+  config.input.draft_decode = False  # True: reduced-size JPEG decode of large photos (faster)
 
   # lr = base_lr * batch / 256, per-step warmup then cosine.
   config.batch_size = batch_size  # global, over all hosts and accumulation steps

@@ -121,9 +121,10 @@ def hms(seconds: float) -> str:
 
 def progress_line(step: int, total: int, m: dict[str, float]) -> str:
   mfu = f" mfu {m['mfu']:.1%}" if "mfu" in m else ""
+  wait = f" (data wait {m['data_wait_s'] * 1e3:.0f} ms)" if "data_wait_s" in m else ""
   return (f"step {step}/{total} loss {m['loss']:.4f} lr {m['lr']:.2e} "
           f"gnorm {m['grad_norm']:.3f} {m['images_per_s']:.1f} img/s "
-          f"{m['step_time_s'] * 1e3:.0f} ms/step{mfu} eta {hms(m.get('eta_s', 0.0))}")
+          f"{m['step_time_s'] * 1e3:.0f} ms/step{wait}{mfu} eta {hms(m.get('eta_s', 0.0))}")
 
 
 def log_progress(step: int, total: int, m: dict[str, float]) -> None:

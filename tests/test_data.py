@@ -165,6 +165,58 @@ def test_random_resized_crop_is_seeded_and_resizes_the_box_bicubically():
   np.testing.assert_array_equal(out, np.asarray(expected.resize((32, 32), Image.BICUBIC)))
 
 
+def _jpeg(array, quality=90):
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format="JPEG", quality=quality)
+  return buf.getvalue()
+
+
+def _photo_like(height, width):
+  """Smooth colour gradients with some texture: what DCT scaling is made for."""
+  y, x = np.mgrid[0:height, 0:width] / max(height, width)
+  image = np.stack([np.sin(6 * x + 2 * y), np.cos(5 * y), np.sin(9 * x * y)], -1)
+  noise = np.random.default_rng(0).normal(0, 0.05, image.shape)
+  return np.clip((image + noise + 1) * 127.5, 0, 255).astype(np.uint8)
+
+
+def test_draft_decode_reduces_only_jpegs_with_pixels_to_spare():
+  # Every RandomResizedCrop box (area >= 0.2, aspect in [3/4, 4/3]) of a 27307-pixel image
+  # is >= 64 on its short side: sqrt(0.2 * 27307 * 3 / 4) = 64.0.
+  min_pixels = transforms.draft_min_pixels(64, (0.2, 1.0), (3 / 4, 4 / 3))
+  assert min_pixels == 27307
+  # Aspect 1/2 makes the short side sqrt(0.2 * A / 2): 64 needs A >= 40960.
+  assert transforms.draft_min_pixels(64, (0.2, 1.0), (1 / 2, 4 / 3)) == 40960
+  photo = _photo_like(720, 960)
+  full = transforms.decode_rgb(_jpeg(photo))
+  reduced = transforms.decode_rgb(_jpeg(photo), min_pixels)
+  assert reduced.shape == (180, 240, 3)  # 1/4: 240 x 180 = 43200 pixels; 1/8 has 10800
+  # Close to an area-average of the full decode (mean error about one grey level).
+  average = full.reshape(180, 4, 240, 4, 3).mean((1, 3))
+  assert np.abs(reduced - average).mean() < 2.0
+  # Small JPEGs and other formats decode at full size, bit for bit.
+  small = photo[:150, :200]
+  np.testing.assert_array_equal(transforms.decode_rgb(_jpeg(small), min_pixels),
+                                transforms.decode_rgb(_jpeg(small)))
+  assert transforms.decode_rgb(_png(photo), min_pixels).shape == (720, 960, 3)
+  boxes = [transforms.random_resized_crop_box(180, 240, np.random.default_rng(s))
+           for s in range(300)]
+  assert min(min(h, w) for _, _, h, w in boxes) >= 64
+
+
+def test_draft_decode_is_an_option_of_the_loader(tmp_path):
+  d = tmp_path / "train" / "a"
+  d.mkdir(parents=True)
+  (d / "big.jpg").write_bytes(_jpeg(_photo_like(720, 960)))
+  batches = {}
+  for draft in (False, True):
+    loader = pipeline.make_train_loader(
+        _config(dataset="folder", data_dir=str(tmp_path), draft_decode=draft),
+        image_size=64, global_batch_size=4, seed=0, process_index=0, process_count=1)
+    batches[draft] = _pixels(next(iter(loader))["image"])
+  difference = np.abs(batches[True] - batches[False])
+  assert 0 < difference.mean() < 3.0  # same crops, slightly different pixels
+
+
 def test_horizontal_flip_mirrors_about_half_the_time():
   image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
   flip = transforms.RandomHorizontalFlip()

@@ -133,6 +133,9 @@ def test_eta_is_hours_minutes_seconds():
   line = progress_line(20, 600, dict(loss=0.5, lr=1e-3, grad_norm=0.2, images_per_s=300,
                                      step_time_s=0.2, eta_s=116))
   assert line.endswith("200 ms/step eta 0:01:56")
+  line = progress_line(20, 600, dict(loss=0.5, lr=1e-3, grad_norm=0.2, images_per_s=300,
+                                     step_time_s=0.2, data_wait_s=0.05, eta_s=116))
+  assert line.endswith("200 ms/step (data wait 50 ms) eta 0:01:56")
 
 
 def test_grid_titles_and_upscaling():

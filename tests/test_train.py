@@ -22,6 +22,7 @@ from mae_jax.data import pipeline, transforms
 from mae_jax.tasks.pretrain import PretrainTask, model_config_from
 from mae_jax.trainer import (abstract_state, create_state, make_train_step,
                              plan_and_optimizer, train_and_evaluate)
+from mae_jax.trainer.setup import run_signature
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny model on 32x32 crops of the demo photos: a step takes well under a second.
@@ -80,6 +81,7 @@ def test_demo_end_to_end(tmp_path, demo_dir):
     assert r["epoch"] == r["step"] / 20
     assert r["lr"] == pytest.approx(peak * (r["step"] - 1) / 20, rel=1e-3)
   assert {"eta_s", "grad_norm", "step_time_s", "epoch", "data_skipped"} <= set(rows[1])
+  assert 0 < rows[1]["data_wait_s"] < rows[1]["step_time_s"]  # part of each step's time
   events = os.listdir(os.path.join(workdir, "tensorboard"))
   assert any(name.startswith("events.out.tfevents") for name in events)
   assert os.listdir(os.path.join(workdir, "reconstructions")) == ["step_00000004.png"]
@@ -331,8 +333,23 @@ def test_resuming_another_model_or_run_is_refused(tmp_path, demo_dir):
     train_and_evaluate(config_with(demo_dir, batch_size=32), workdir)
   with pytest.raises(ValueError, match=r"other settings.*'total_steps': \(200, 300\)"):
     train_and_evaluate(config_with(demo_dir, total_steps=300), workdir)
+  with pytest.raises(ValueError, match=r"other settings.*'draft_decode'"):  # other pixels
+    train_and_evaluate(config_with(demo_dir, **{"input.draft_decode": True}), workdir)
   assert sorted(os.listdir(workdir)) == files
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+
+
+def test_draft_decode_off_signs_a_run_as_before_the_option(demo_dir):
+  """Checkpoints written before `input.draft_decode` existed resume with it off."""
+  config = config_with(demo_dir)
+  task = PretrainTask(config)
+  plan, _, _ = plan_and_optimizer(config, task, 320)
+  before = config.copy_and_resolve_references().unlock()
+  del before.input["draft_decode"]
+  assert "draft_decode" in config.input
+  assert run_signature(config, plan, task) == run_signature(before, plan, task)
+  drafted = set_fields(config, **{"input.draft_decode": True})
+  assert run_signature(drafted, plan, task)["input"]["draft_decode"] is True
 
 
 def test_unsupported_url_workdir_is_a_clear_error(tmp_path, demo_dir):

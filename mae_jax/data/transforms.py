@@ -41,16 +41,33 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def decode_rgb(image: bytes | np.ndarray) -> np.ndarray:
+def draft_scale(width: int, height: int, min_pixels: int) -> int:
+  """The largest JPEG DCT scale (8, 4, 2 or 1) whose reduced image keeps >= min_pixels."""
+  for scale in (8, 4, 2):
+    if -(-width // scale) * -(-height // scale) >= min_pixels:
+      return scale
+  return 1
+
+
+def decode_rgb(image: bytes | np.ndarray, min_pixels: int = 0) -> np.ndarray:
   """Returns an RGB uint8 [H, W, 3] array from encoded bytes or an array.
 
   Grayscale, palette, CMYK, YCbCr, ... go through PIL's RGB conversion; alpha
   is dropped (as `convert('RGB')` in torchvision's loader); 16-bit grayscale is
   rescaled rather than clipped at 255 as PIL would. Raises on corrupt data.
+  min_pixels > 0: a JPEG is decoded at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling, PIL's
+  `draft`: fewer pixels to decode, slightly different ones) when the reduced image still
+  has >= min_pixels pixels; other formats and smaller JPEGs decode at full size.
   """
   if not isinstance(image, np.ndarray):
     with Image.open(io.BytesIO(image)) as pil:
+      if min_pixels:  # PIL drafts only JPEGs; other formats ignore it
+        scale = draft_scale(*pil.size, min_pixels)
+        if scale > 1:
+          pil.draft(None, (pil.size[0] // scale, pil.size[1] // scale))
       pil.load()
+      if pil.mode == "RGB":  # most JPEGs: convert('RGB') would only copy the pixels
+        return np.asarray(pil)
       if pil.mode not in _SIXTEEN_BIT_MODES:
         return np.asarray(pil.convert("RGB"))
       image = np.asarray(pil)
@@ -65,16 +82,20 @@ def decode_rgb(image: bytes | np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(image[..., :3])
 
 
+@dataclasses.dataclass
 class DecodeImage(grain.transforms.Map):
   """Decodes `image` to RGB uint8, or to None (logged) when undecodable.
 
   Keeps the record's integer `label` when it has one; other fields are dropped.
+  `min_pixels`: reduced-size JPEG decoding, see `decode_rgb` (0: off).
   """
+
+  min_pixels: int = 0
 
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
     out = {"label": np.int32(element["label"])} if "label" in element else {}
     try:
-      return {"image": decode_rgb(element["image"]), **out}
+      return {"image": decode_rgb(element["image"], self.min_pixels), **out}
     except Exception as e:  # pylint: disable=broad-except
       # PIL raises many types (OSError, SyntaxError, DecompressionBombError..).
       logging.warning("Skipping undecodable image %s: %s: %s",
@@ -137,6 +158,17 @@ def random_resized_crop_box(
   else:
     w, h = width, height
   return (height - h) // 2, (width - w) // 2, h, w
+
+
+def draft_min_pixels(image_size: int, scale: tuple[float, float],
+                     ratio: tuple[float, float]) -> int:
+  """The fewest image pixels for which every RandomResizedCrop box has both sides
+  >= image_size (so a reduced-size decode never makes a crop upsampled that was not).
+
+  A box of area fraction s and aspect r has sides sqrt(s A r) and sqrt(s A / r); the shortest
+  is sqrt(scale[0] A min(ratio[0], 1 / ratio[1])).
+  """
+  return math.ceil(image_size**2 / (scale[0] * min(ratio[0], 1 / ratio[1])))
 
 
 def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

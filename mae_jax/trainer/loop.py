@@ -151,12 +151,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
                task.name, task.model_dict(), step, plan.stop_step, plan.steps_per_epoch,
                plan.peak_lr)
     skipped, previous, timer_step, timer = 0, None, step, time.perf_counter()
+    waited = 0.0  # seconds spent in next(data_iter) since the timer started
     start, losses = timer, {}  # losses: {step: loss} at the log steps, for the summary
     for evaluator in evaluators if step < plan.stop_step else ():
       if hasattr(evaluator, "start"):  # optional, see evals.Evaluator
         evaluator.start(state, step)
     while step < plan.stop_step:
+      wait_start = time.perf_counter()
       batch = next(data_iter)
+      waited += time.perf_counter() - wait_start
       skipped += int(batch["skipped"].sum())
       state, step_metrics = train_step(state, pipeline.to_global_array(
           {k: batch[k] for k in task.batch_keys}, batch_sharding))
@@ -166,7 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
       previous = (step, step_metrics)
       if step == first_step + 1:  # leave compilation out of the timings
         jax.block_until_ready(step_metrics)
-        timer_step, timer = step, time.perf_counter()
+        timer_step, timer, waited = step, time.perf_counter(), 0.0
       if every(step, config.log_every_steps) or step == plan.stop_step:
         values = fetch(step_metrics)
         check_finite(step, values, ckpt, workdir)
@@ -175,7 +178,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
         if step > timer_step:
           values.update(timings(time.perf_counter() - timer, step - timer_step, step, plan,
                                 config.batch_size, flops, peak))
-          timer_step, timer = step, time.perf_counter()
+          # Per step, the loop's wait for the host's next batch (the device may still be
+          # running the previous step meanwhile: an upper bound on its idle time).
+          values["data_wait_s"] = waited / (step - timer_step)
+          timer_step, timer, waited = step, time.perf_counter(), 0.0
           metrics_lib.log_progress(step, plan.total_steps, values)
         values.update(epoch=step / plan.steps_per_epoch, data_skipped=skipped)
         writer.scalars(step, values)

@@ -60,6 +60,8 @@ def run_signature(config: ml_collections.ConfigDict, plan: Plan, task: Task) -> 
   and augmentation, the hosts, the masks and the optimisation (the model is compared
   separately). JSON-normalised, as it is stored with each checkpoint."""
   inputs = {k: v for k, v in config.input.to_dict().items() if k not in FREE_INPUT_FIELDS}
+  if not inputs.get("draft_decode", True):  # off: as checkpoints from before the option
+    del inputs["draft_decode"]
   return json.loads(json.dumps({
       "batch_size": config.batch_size, "seed": config.seed, "input": inputs,
       "process_count": jax.process_count(), "total_steps": plan.total_steps,
