@@ -8,7 +8,6 @@ CutMix with label smoothing on the batch, drop path per micro-batch.
 """
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -87,9 +86,8 @@ class FinetuneTask(Task):
     abstract = jax.eval_shape(self.init, jax.random.key(0))[0]
     meta = checkpointing.saved_meta(path)
     if meta is not None and meta.get("task") == self.name:  # e.g. WORKDIR/best
-      model = json.loads(json.dumps(self.model_dict()))
-      diff = {k: (v, model.get(k)) for k, v in meta["model"].items()
-              if model.get(k) != v and k != "dtype"}
+      from mae_jax.trainer.setup import model_diff  # the trainer imports the tasks
+      diff = model_diff(self, meta["model"])
       if diff:
         raise ValueError(f"init_from {path} holds another classifier than the config; "
                          f"(checkpoint, config): {diff}")

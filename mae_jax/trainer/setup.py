@@ -76,6 +76,14 @@ def checkpoint_config(task: Task, run: dict[str, Any],
           "config": json.loads(config.to_json_best_effort())}
 
 
+def model_diff(task: Task, saved_model: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+  """{field: (saved, config)} where a checkpoint's saved model differs from the task's (the
+  compute dtype may differ: the weights are float32 either way)."""
+  model = json.loads(json.dumps(task.model_dict()))
+  return {k: (v, model.get(k)) for k, v in saved_model.items()
+          if model.get(k) != v and k != "dtype"}
+
+
 def check_resumable(workdir: str, saved: dict[str, Any], task: Task, run: dict[str, Any],
                     plan: Plan) -> None:
   """Refuses to resume a checkpoint of another task, model or run, naming the fields.
@@ -87,9 +95,7 @@ def check_resumable(workdir: str, saved: dict[str, Any], task: Task, run: dict[s
   if saved_task != task.name:
     raise ValueError(f"{workdir} holds a checkpoint of task {saved_task!r}, not "
                      f"{task.name!r}: use a new workdir")
-  model = json.loads(json.dumps(task.model_dict()))
-  diff = {k: (v, model.get(k)) for k, v in saved["model"].items()
-          if model.get(k) != v and k != "dtype"}
+  diff = model_diff(task, saved["model"])
   if diff:
     raise ValueError(f"{workdir} holds a checkpoint of another model; (saved, config): "
                      f"{diff}. Use a new workdir or the saved model config")
