@@ -47,6 +47,9 @@ def run_config(task: str, *, epochs: float, warmup_epochs: float, batch_size: in
   config.input.std = IMAGENET_STD
   config.input.worker_count = 16  # grain decoding processes per host
   config.input.worker_buffer_size = 2
+  # Threads reading records ahead (None: 0 for in-memory sources, else 16) and how many records.
+  config.input.read_threads = ml_collections.config_dict.placeholder(int)
+  config.input.read_buffer = 64
   config.input.draft_decode = False  # True: reduced-size JPEG decode of large photos (faster)
 
   # lr = base_lr * batch / 256, per-step warmup then cosine.

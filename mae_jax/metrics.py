@@ -3,11 +3,31 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from typing import Any
 
 from etils import epath
 import numpy as np
-from tensorboardX import SummaryWriter, record_writer
+
+
+def _import_tensorboardx() -> Any:
+  """tensorboardX, imported without torch: its writer imports torch when it can, only to
+  accept torch tensors (never passed here), which adds ~7 s to every start where torch is
+  installed. A None entry makes that import fail as if torch were absent, for this import
+  only."""
+  if "torch" in sys.modules:
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+    return tensorboardX
+  sys.modules["torch"] = None
+  try:
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+  finally:
+    del sys.modules["torch"]
+  return tensorboardX
+
+
+tensorboardX = _import_tensorboardx()
+SummaryWriter, record_writer = tensorboardX.SummaryWriter, tensorboardX.record_writer
 
 from mae_jax import storage
 from mae_jax.config import ModelConfig

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
+import os
 from typing import Any, Iterator
 
 from absl import logging as absl_logging
@@ -140,20 +142,35 @@ def demo_source(split: str = "train",
 DIGITS_TEST = 360
 
 
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+  """The 1797 digits as float [N, 8, 8] in 0..16 and int32 labels [N], as scikit-learn's
+  `load_digits` returns them, read from the file in its wheel: importing scikit-learn to read
+  it would add ~2-3 s to every start."""
+  spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+  path = spec and os.path.join(os.path.dirname(spec.origin), "datasets", "data",
+                               "digits.csv.gz")
+  if not path or not os.path.exists(path):
+    raise FileNotFoundError("dataset 'digits' reads the handwritten digits that scikit-learn "
+                            "ships in its wheel (sklearn/datasets/data/digits.csv.gz): "
+                            "pip install scikit-learn")
+  data = np.loadtxt(path, delimiter=",")  # [N, 65]: 64 pixels, then the label
+  return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int32)
+
+
 class DigitsSource:
   """scikit-learn's digits as uint8 [8, 8] images (0..16 rescaled to 0..255) with labels."""
 
   num_classes = 10
+  in_memory = True  # read without threads (pipeline.read_options)
 
   def __init__(self, split: str):
     if split not in ("train", "test"):
       raise ValueError(f"dataset 'digits' has splits 'train' and 'test', not {split!r}")
-    import sklearn.datasets  # only for this dataset
-    digits = sklearn.datasets.load_digits()
-    order = np.random.default_rng(0).permutation(len(digits.target))
+    images, labels = _load_digits()
+    order = np.random.default_rng(0).permutation(len(labels))
     order = order[:DIGITS_TEST] if split == "test" else order[DIGITS_TEST:]
-    self.images = np.round(digits.images[order] * (255 / 16)).astype(np.uint8)  # [N, 8, 8]
-    self.labels = digits.target[order].astype(np.int32)
+    self.images = np.round(images[order] * (255 / 16)).astype(np.uint8)  # [N, 8, 8]
+    self.labels = labels[order]
     self._repr = f"DigitsSource(split={split!r}, num_records={len(order)})"
 
   def __len__(self) -> int:
