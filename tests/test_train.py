@@ -1,5 +1,6 @@
 """Pretraining end to end: demo run, resume after kill / SIGTERM, grad accumulation,
 schedule and weight decay, errors before writes, and a two-process run on localhost."""
+import copy
 import json
 import re
 import os
@@ -38,7 +39,7 @@ NO_RECON = {"evals.reconstruction.every_steps": -1}
 
 def set_fields(config, **fields):
   """A copy of the locked config with dotted fields ('model.width') set."""
-  config = config.unlock()
+  config = copy.deepcopy(config).unlock()
   for key, value in fields.items():
     node = config
     *parents, leaf = key.split(".")
