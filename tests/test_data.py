@@ -308,6 +308,25 @@ def test_worker_processes_produce_the_same_records(noise_folder):
   assert first_records(2) == first_records(0)
 
 
+def test_read_threads_and_buffer_change_how_records_are_read_not_which(noise_folder):
+  """grain's read-ahead (threads, buffer) is a speed setting: the batches are the same; in-memory
+  sources read without threads, files with 16, unless the config says otherwise."""
+  def batches(**fields):
+    config = _config(dataset="folder", data_dir=str(noise_folder), **fields)
+    it = iter(pipeline.make_train_loader(config, image_size=16, global_batch_size=4, seed=1))
+    return [next(it)["image"].tobytes() for _ in range(4)]
+
+  assert batches(read_threads=0, read_buffer=0) == batches() == batches(read_threads=3,
+                                                                         read_buffer=500)
+  folder = _config(dataset="folder", data_dir=str(noise_folder))
+  assert pipeline.read_options(folder, sources.folder_source(str(noise_folder))) == (
+      pipeline.grain.ReadOptions(num_threads=16, prefetch_buffer_size=64))
+  digits = _config(dataset="digits")
+  assert pipeline.read_options(digits, sources.DigitsSource("test")).num_threads == 0
+  digits.read_threads = 2
+  assert pipeline.read_options(digits, sources.DigitsSource("test")).num_threads == 2
+
+
 # ---------------------------------------------------------------- demo data
 
 

@@ -257,6 +257,13 @@ def test_digits_splits_and_missing_labels(tmp_path):
   train, test = sources.DigitsSource("train"), sources.DigitsSource("test")
   assert (len(train), len(test)) == (1437, 360)
   assert sources.class_count(train) == 10
+  # Read from scikit-learn's file without importing it: the same digits as its loader gives.
+  import sklearn.datasets
+  reference = sklearn.datasets.load_digits()
+  order = np.random.default_rng(0).permutation(1797)
+  for source, rows in ((test, order[:360]), (train, order[360:])):
+    np.testing.assert_array_equal(source.images, np.round(reference.images[rows] * 255 / 16))
+    np.testing.assert_array_equal(source.labels, reference.target[rows])
   with pytest.raises(ValueError, match="splits 'train' and 'test'"):
     sources.DigitsSource("validation")
   from test_data import MaeJaxTestImages
