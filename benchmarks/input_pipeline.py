@@ -11,7 +11,8 @@ Rows (images/s; each repeat pulls `batches` batches of `batch` 224 px crops from
     bicubic resize), flip, ToTensor + Normalize, written here in PIL + torch as torchvision
     does it; one process, then torch's DataLoader with a worker per core;
   * ours: `pipeline.make_train_loader` with configs/base.py's input fields, worker_count 0
-    (this process: one core), then grain workers (--workers), and with `draft_decode`;
+    (this process: one core), then grain workers (--workers), with `draft_decode`, and with
+    grain's default read-ahead buffer (500 records) instead of ours (64);
   * the host's share of the float normalise (what handing the device uint8 would save).
 The one-process rows are timed round-robin; worker rows (whose processes would keep working
 while other rows are timed) one after the other, each after its workers delivered a batch.
@@ -100,11 +101,13 @@ def reference_batches(root: str, batch: int, workers: int) -> Iterator[torch.Ten
                                          persistent_workers=True, prefetch_factor=2)
 
 
-def our_batches(root: str, batch: int, workers: int, buffer: int = 2,
-                draft: bool = False) -> Iterator[dict[str, np.ndarray]]:
+def our_batches(root: str, batch: int, workers: int, buffer: int = 2, draft: bool = False,
+                read_buffer: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   config = base.get_config().input
   config.update(dataset="folder", data_dir=root, worker_count=workers,
                 worker_buffer_size=buffer, draft_decode=draft)
+  if read_buffer is not None:
+    config.read_buffer = read_buffer
   return iter(pipeline.make_train_loader(config, image_size=224, global_batch_size=batch,
                                          seed=0, process_index=0, process_count=1))
 
@@ -156,6 +159,8 @@ def main():
     rows[f"{px} ours, worker_count 0"] = (our_batches(root, b, 0), ref)
     rows[f"{px} ours, worker_count 0, draft_decode"] = (our_batches(root, b, 0, draft=True), ref)
   root = folders["imagenet"]
+  rows["500x375 ours, worker_count 0, grain's default read-ahead (500 records)"] = (
+      our_batches(root, b, 0, read_buffer=500), "500x375 reference, 1 process")
   rows["500x375 normalise alone (host share of float work)"] = (
       normalise_only(root, b), "500x375 ours, worker_count 0")
   for it, _ in rows.values():

@@ -240,7 +240,11 @@ class Normalize(grain.transforms.Map):
   std: tuple[float, float, float] = IMAGENET_STD
 
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
-    mean = np.asarray(self.mean, np.float32)
+    # As one multiply-add in place, x / (255 std) - mean / std: within 5e-7 of the formula
+    # above and half its time (the host's float work on every image).
     std = np.asarray(self.std, np.float32)
-    image = (element["image"].astype(np.float32) / 255.0 - mean) / std
+    scale = np.float32(1.0) / (np.float32(255.0) * std)
+    image = element["image"].astype(np.float32)
+    image *= scale
+    image -= np.asarray(self.mean, np.float32) / std
     return {**element, "image": image}
