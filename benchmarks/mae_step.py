@@ -9,7 +9,11 @@ Rows, each timed round-robin with the others so machine drift hits all alike:
   * mae_jax with jax.nn.gelu's erfc form and with the tanh approximation in place of the erf
     GELU, to show what exact GELU costs;
   * with --torch, the same step in PyTorch (transformers' ViTMAEForPreTraining, AdamW), the
-    reference architecture, on the same number of threads.
+    reference architecture, on the same number of threads;
+  * XLA's own rate on one large float32 matmul (--matmul N: N x N x N), timed in the same
+    round-robin: each mae_jax row also prints its model FLOP/s (`train_flops_per_image`, the
+    MFU numerator the trainer logs) as a fraction of that rate, a number that carries over to
+    accelerators where a ratio to PyTorch on a CPU does not.
 Float32 throughout (XLA on CPU has no fast bfloat16 matmul). Prints median ms per step and
 each row relative to the first.
 """
@@ -25,6 +29,7 @@ import numpy as np
 
 from configs import base
 from mae_jax import model_config, models, sharding
+from mae_jax.metrics import train_flops_per_image
 from mae_jax.tasks.pretrain import PretrainTask
 from mae_jax.trainer import abstract_state, create_state, make_train_step
 
@@ -60,6 +65,23 @@ def jax_step(config, batch: int, gelu: str | None = None) -> Callable[[], None]:
   return run
 
 
+def matmul(n: int) -> tuple[Callable[[], None], float]:
+  """A closure doing float32 [n, n] @ [n, n] in XLA enough times to take ~1 s (one call is
+  too short to time beside a step), compiled before returning; and its FLOPs."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jax.numpy.float32)
+  f = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(f(a))
+  start = time.perf_counter()
+  for _ in range(3):
+    jax.block_until_ready(f(a))
+  reps = max(1, round(1.0 / ((time.perf_counter() - start) / 3)))
+
+  def run():
+    for _ in range(reps):
+      jax.block_until_ready(f(a))
+  return run, reps * 2.0 * n**3
+
+
 def torch_step(config, batch: int) -> Callable[[], None]:
   import torch
   from transformers import ViTMAEConfig, ViTMAEForPreTraining
@@ -91,12 +113,15 @@ def main():
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--torch", action="store_true")
+  parser.add_argument("--matmul", type=int, default=2048)
   args = parser.parse_args()
   config = model_config(args.variant, dtype="float32")
+  ablation = model_config(args.variant, dtype="float32", encoder_mask_tokens=True)
+  flops = {"mae_jax (encoder on visible patches)": train_flops_per_image(config),
+           "ablation: mask tokens in the encoder": train_flops_per_image(ablation)}
   rows = {
       "mae_jax (encoder on visible patches)": jax_step(config, args.batch),
-      "ablation: mask tokens in the encoder": jax_step(
-          model_config(args.variant, dtype="float32", encoder_mask_tokens=True), args.batch),
+      "ablation: mask tokens in the encoder": jax_step(ablation, args.batch),
       "mae_jax with jax.nn.gelu erfc form": jax_step(config, args.batch, "erfc"),
       "mae_jax with tanh GELU (not faithful)": jax_step(config, args.batch, "tanh"),
   }
@@ -105,6 +130,8 @@ def main():
     torch.set_num_threads(os.cpu_count())
     rows[f"PyTorch {torch.__version__} ViTMAE (reference arch)"] = torch_step(config,
                                                                                args.batch)
+  matmul_row = f"XLA float32 matmul {args.matmul}^3"
+  rows[matmul_row], matmul_flops = matmul(args.matmul)
   times = {name: [] for name in rows}
   for _ in range(args.repeats):
     for name, run in rows.items():
@@ -115,8 +142,15 @@ def main():
   print(f"{args.variant} {config.image_size}px, batch {args.batch}, float32, "
         f"{jax.device_count()} x {jax.devices()[0].device_kind}, {os.cpu_count()} cpus, "
         f"median of {args.repeats}")
+  matmul_rate = matmul_flops / np.median(times.pop(matmul_row))
+  print(f"  {matmul_row:44s} {matmul_rate / 1e9:9.1f} GFLOP/s")
   for name, t in times.items():
-    print(f"  {name:44s} {np.median(t) * 1e3:9.1f} ms/step   x{np.median(t) / first:5.2f}")
+    line = f"  {name:44s} {np.median(t) * 1e3:9.1f} ms/step   x{np.median(t) / first:5.2f}"
+    if name in flops or name.startswith("mae_jax"):  # GELU rows: the shipped model's FLOPs
+      rate = flops.get(name, flops["mae_jax (encoder on visible patches)"]) * args.batch / (
+          np.median(t))
+      line += f"   {rate / 1e9:7.1f} GFLOP/s = {rate / matmul_rate:4.0%} of the matmul's"
+    print(line)
 
 
 if __name__ == "__main__":
