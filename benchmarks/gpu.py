@@ -62,18 +62,13 @@ def is_out_of_memory(error: Exception) -> bool:
 
 def matmul_flops_per_s(n: int, repeats: int) -> float:
   """FLOP/s of an [n, n] @ [n, n] bfloat16 matmul (float32 accumulation), median."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-  matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-  matmul(a, b).block_until_ready()
+  run, flops = mae_step.matmul(n, jnp.bfloat16)
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    for _ in range(10):
-      out = matmul(a, b)
-    out.block_until_ready()
-    times.append((time.perf_counter() - start) / 10)
-  return 2 * n**3 / np.median(times)
+    run()
+    times.append(time.perf_counter() - start)
+  return flops / np.median(times)
 
 
 def largest_batch(config: ModelConfig, start: int, seconds: float,

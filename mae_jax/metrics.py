@@ -15,14 +15,14 @@ def _import_tensorboardx() -> Any:
   accept torch tensors (never passed here), which adds ~7 s to every start where torch is
   installed. A None entry makes that import fail as if torch were absent, for this import
   only."""
-  if "torch" in sys.modules:
-    import tensorboardX  # pylint: disable=import-outside-toplevel
-    return tensorboardX
-  sys.modules["torch"] = None
+  mask = "torch" not in sys.modules
+  if mask:
+    sys.modules["torch"] = None
   try:
     import tensorboardX  # pylint: disable=import-outside-toplevel
   finally:
-    del sys.modules["torch"]
+    if mask:
+      del sys.modules["torch"]
   return tensorboardX
 
 

@@ -239,12 +239,15 @@ class Normalize(grain.transforms.Map):
   mean: tuple[float, float, float] = IMAGENET_MEAN
   std: tuple[float, float, float] = IMAGENET_STD
 
-  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+  def __post_init__(self):
     # As one multiply-add in place, x / (255 std) - mean / std: within 5e-7 of the formula
     # above and half its time (the host's float work on every image).
     std = np.asarray(self.std, np.float32)
-    scale = np.float32(1.0) / (np.float32(255.0) * std)
+    self._scale = np.float32(1.0) / (np.float32(255.0) * std)
+    self._offset = np.asarray(self.mean, np.float32) / std
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
     image = element["image"].astype(np.float32)
-    image *= scale
-    image -= np.asarray(self.mean, np.float32) / std
+    image *= self._scale
+    image -= self._offset
     return {**element, "image": image}

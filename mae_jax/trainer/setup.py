@@ -52,8 +52,8 @@ def plan_and_optimizer(config: ml_collections.ConfigDict, task: Task, num_exampl
 
 
 # Input settings a resumed run may change: where the data lives and how it is read.
-FREE_INPUT_FIELDS = ("data_dir", "eval_split", "worker_count", "worker_buffer_size", "read_threads",
-                     "read_buffer")
+FREE_INPUT_FIELDS = ("data_dir", "eval_split", "worker_count", "worker_buffer_size",
+                     "read_threads", "read_buffer")
 
 
 def run_signature(config: ml_collections.ConfigDict, plan: Plan, task: Task) -> dict[str, Any]:
