@@ -1,4 +1,4 @@
-"""How far the demo run gets beyond predicting each hidden patch's mean.
+"""How far the demo run gets beyond predicting flat patches of the right colour.
 
   python benchmarks/demo_loss.py --workdir=/tmp/mae_demo
 
@@ -8,6 +8,12 @@ run's augmentation), next to the loss of predicting each hidden patch's mean: th
 what the reconstruction display gets for free. In norm_pix space that prediction is 0 for
 every normalised pixel, so its loss is the mean square of the normalised targets, just
 below 1; on raw pixels it is the mean within-patch variance.
+
+Each loss is split exactly into a colour part (the error of each channel's mean over the
+patch) and a structure part (the error in how pixels vary around those means). Any flat
+prediction, whatever its colours, has the same structure part: the targets' own variation.
+A model predicts shading or edges inside the patches only if its structure part is below
+that; `structure explained` is the fraction of it the model accounts for.
 """
 import argparse
 import json
@@ -28,27 +34,46 @@ from mae_jax.patches import patchify
 from mae_jax.tasks.pretrain import PretrainTask
 
 
-def patch_mean_loss(images: jax.Array, noise: jax.Array, model: ModelConfig) -> float:
-  """The masked loss of predicting each hidden patch's mean (in the loss's own space)."""
+def loss_parts(pred: jax.Array, target: jax.Array, mask: jax.Array,
+               channels: int) -> tuple[float, float]:
+  """The masked MSE split into (colour, structure) parts that sum to it.
+
+  pred, target: [B, N, p*p*C] with channels last in each patch (`patchify`'s order).
+  """
+  error = (pred - target).reshape(*target.shape[:2], -1, channels)  # [B, N, p*p, C]
+  colour = error.mean(2, keepdims=True)  # [B, N, 1, C] each channel's mean error
+  per_patch = ((colour ** 2).mean((2, 3)), ((error - colour) ** 2).mean((2, 3)))  # [B, N]
+  return tuple(float((part * mask).sum() / mask.sum()) for part in per_patch)
+
+
+def targets(images: jax.Array, noise: jax.Array, model: ModelConfig
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The loss's targets [B, N, P], the mask [B, N] and each patch's mean prediction."""
   patches = patchify(images, model.patch_size)  # [B, N, P]
   mask = random_masking(patches, model.mask_ratio, noise=noise).mask
   if model.norm_pix_loss:
     target = normalize_patches(patches)
-    return float(masked_mse(jnp.zeros_like(target), target, mask))
-  return float(masked_mse(jnp.broadcast_to(patches.mean(-1, keepdims=True), patches.shape),
-                          patches, mask))
+    return target, mask, jnp.zeros_like(target)
+  return patches, mask, jnp.broadcast_to(patches.mean(-1, keepdims=True), patches.shape)
 
 
 def losses(params_by_name: dict, batches: list[jax.Array], model: ModelConfig,
-           seed: int) -> dict[str, float]:
+           seed: int) -> dict[str, np.ndarray]:
+  """{name: [loss, colour part, structure part]}, averaged over the batches."""
   rng = jax.random.key(seed)
   out = {name: [] for name in [*params_by_name, "patch mean"]}
   for i, images in enumerate(batches):
     noise = jax.random.uniform(jax.random.fold_in(rng, i), (images.shape[0], model.num_patches))
-    for name, params in params_by_name.items():
-      out[name].append(float(mae_apply(params, images, config=model, noise=noise).loss))
-    out["patch mean"].append(patch_mean_loss(images, noise, model))
-  return {name: float(np.mean(v)) for name, v in out.items()}
+    target, mask, patch_mean = targets(images, noise, model)
+    outputs = {name: mae_apply(params, images, config=model, noise=noise)
+               for name, params in params_by_name.items()}
+    for name, pred in {**{k: o.pred for k, o in outputs.items()}, "patch mean": patch_mean
+                       }.items():
+      colour, structure = loss_parts(pred, target, mask, model.channels)
+      if name in outputs:  # the parts add up to the model's own loss
+        np.testing.assert_allclose(colour + structure, outputs[name].loss, rtol=1e-4)
+      out[name].append((colour + structure, colour, structure))
+  return {name: np.mean(v, axis=0) for name, v in out.items()}
 
 
 def main() -> None:
@@ -68,12 +93,16 @@ def main() -> None:
   loader = iter(task.train_loader(task.train_source()))
   train = [jnp.asarray(next(loader)["image"]) for _ in range(args.draws // 4)]
   print(f"masked-patch loss ({'norm_pix' if model.norm_pix_loss else 'pixels'}, mask ratio "
-        f"{model.mask_ratio}) of {args.workdir}")
+        f"{model.mask_ratio}) of {args.workdir} = colour part + structure part")
   for name, batches in (("held-out images", [held_out] * args.draws),
                         ("training batches", train)):
-    row = losses(params, batches, model, seed=1)
-    print(f"  {name:17s} " + "  ".join(f"{k} {v:.4f}" for k, v in row.items())
-          + f"  (trained / patch mean = {row['trained'] / row['patch mean']:.2f})")
+    rows = losses(params, batches, model, seed=1)
+    flat = rows["patch mean"][2]  # the structure part of every flat prediction
+    print(f"  {name}:")
+    for k, (loss, colour, structure) in rows.items():
+      print(f"    {k:10s} loss {loss:.4f} = {colour:.4f} + {structure:.4f}  "
+            f"(structure explained {1 - structure / flat:6.1%})")
+    print(f"    trained / patch mean = {rows['trained'][0] / rows['patch mean'][0]:.2f}")
 
 
 if __name__ == "__main__":

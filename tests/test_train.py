@@ -93,9 +93,24 @@ def test_demo_end_to_end(tmp_path, demo_dir):
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, demo_dir):
-  """Params after 20 steps of an uninterrupted run."""
+  """Params after 20 steps of an uninterrupted run (logged every 2 steps), and its workdir."""
   workdir = str(tmp_path_factory.mktemp("reference"))
-  return train_and_evaluate(config_with(demo_dir, stop_at_step=20), workdir)["params"]
+  return train_and_evaluate(config_with(demo_dir, stop_at_step=20), workdir)["params"], workdir
+
+
+def test_logged_loss_is_the_mean_since_the_last_log(tmp_path, demo_dir, reference_run):
+  """Each logged loss averages the steps since the previous log, not just the last step."""
+  workdir = str(tmp_path / "every_step")
+  train_and_evaluate(config_with(demo_dir, stop_at_step=4, log_every_steps=1,
+                                 checkpoint_every_steps=4, **NO_RECON), workdir)
+  def logged(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows}
+  each, every_2 = logged(workdir), logged(reference_run[1])
+  assert sorted(each) == [1, 2, 3, 4]
+  assert len({round(v, 6) for v in each.values()}) == 4  # distinct losses, so the mean shows
+  for step in (2, 4):
+    assert every_2[step] == pytest.approx((each[step - 1] + each[step]) / 2, rel=1e-6)
 
 
 def wait_for_checkpoint(workdir, proc, step, timeout=240):
@@ -129,7 +144,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, demo_dir, reference_run, sig
   resumed = train_and_evaluate(config_with(demo_dir, stop_at_step=20), workdir)
   assert int(resumed["step"]) == 20
   # Bitwise: the same data order, masks and arithmetic as the run that never stopped.
-  assert params_equal(resumed["params"], reference_run)
+  assert params_equal(resumed["params"], reference_run[0])
 
 
 def test_grad_accumulation_matches_full_batch():

@@ -152,7 +152,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
                plan.peak_lr)
     skipped, previous, timer_step, timer = 0, None, step, time.perf_counter()
     waited = 0.0  # seconds spent in next(data_iter) since the timer started
-    start, losses = timer, {}  # losses: {step: loss} at the log steps, for the summary
+    start, losses = timer, {}  # losses: {step: logged loss} at the log steps, for the summary
+    interval = []  # each step's loss since the last log: the log shows their mean
+
+    def checked(step: int, step_metrics: dict[str, jax.Array]) -> dict[str, float]:
+      values = fetch(step_metrics)
+      check_finite(step, values, ckpt, workdir)
+      interval.append(values["loss"])
+      return values
+
     for evaluator in evaluators if step < plan.stop_step else ():
       if hasattr(evaluator, "start"):  # optional, see evals.Evaluator
         evaluator.start(state, step)
@@ -165,15 +173,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
           {k: batch[k] for k in task.batch_keys}, batch_sharding))
       step += 1
       if previous is not None:  # check the previous step while this one runs
-        check_finite(previous[0], fetch(previous[1]), ckpt, workdir)
+        checked(*previous)
       previous = (step, step_metrics)
       if step == first_step + 1:  # leave compilation out of the timings
         jax.block_until_ready(step_metrics)
         timer_step, timer, waited = step, time.perf_counter(), 0.0
       if every(step, config.log_every_steps) or step == plan.stop_step:
-        values = fetch(step_metrics)
-        check_finite(step, values, ckpt, workdir)
+        values = checked(step, step_metrics)
         previous = None  # checked
+        # The mean over the steps since the last log: one step's loss is noisy.
+        values["loss"] = sum(interval) / len(interval)
+        interval.clear()
         losses[step] = values["loss"]
         if step > timer_step:
           values.update(timings(time.perf_counter() - timer, step - timer_step, step, plan,
@@ -194,7 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
       if (preempted or every(step, config.checkpoint_every_steps)
           or step == plan.stop_step):
         if previous is not None:  # never save a state whose step was not checked
-          check_finite(step, fetch(step_metrics), ckpt, workdir)
+          checked(step, step_metrics)
           previous = None
         ckpt.save(step, state, data_iter, saved_config, force=True)
       if preempted:
