@@ -12,7 +12,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = base.get_config().unlock()
   # Narrow and many steps: on 2 CPU cores a 64-wide MAE at batch 32 gets past flat patch
   # colours to shading inside the patches within the budget; 128 wide at batch 64 (600
-  # steps in the same time) and a deeper decoder stayed at colours (README.md, Quick start).
+  # steps in the same time) and a deeper decoder stayed at colours (BENCHMARKS.md, the demo).
   config.model.update(image_size=64, patch_size=8, width=64, depth=4,
                       num_heads=4, decoder_width=64, decoder_depth=2, decoder_num_heads=4,
                       dtype="float32")
