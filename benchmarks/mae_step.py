@@ -1,6 +1,6 @@
 """One MAE pretraining step (forward, backward, AdamW) timed side by side, in one run.
 
-  python benchmarks/mae_step.py [--variant B/16] [--batch 16] [--repeats 5] [--torch]
+  python benchmarks/mae_step.py [--variant B/16] [--batch 16] [--repeats 5] [--torch] [--levers]
 
 Rows, each timed round-robin with the others so machine drift hits all alike:
   * mae_jax as shipped: the encoder sees only the visible 25% of the patches;
@@ -8,6 +8,8 @@ Rows, each timed round-robin with the others so machine drift hits all alike:
     real design is the ratio of the two;
   * mae_jax with jax.nn.gelu's erfc form and with the tanh approximation in place of the erf
     GELU, to show what exact GELU costs;
+  * with --levers, mae_jax with attention written as einsums ([B, H, N, N] scores) and
+    with the heads folded into the batch ([B*H, N, Dh] batched matmuls);
   * with --torch, the same step in PyTorch (transformers' ViTMAEForPreTraining, AdamW), the
     reference architecture, on the same number of threads;
   * XLA's own rate on one large float32 matmul (--matmul N: N x N x N), timed in the same
@@ -37,7 +39,28 @@ GELUS = {"erfc": lambda x: jax.nn.gelu(x, approximate=False),
          "tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
-def jax_step(config, batch: int, gelu: str | None = None) -> Callable[[], None]:
+def attend_einsum(q, k, v):
+  """Attention written out: scores as [B, H, N, N], softmax in float32."""
+  scores = jax.numpy.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1]).astype(q.dtype)
+  weights = jax.nn.softmax(scores.astype(jax.numpy.float32), axis=-1).astype(v.dtype)
+  return jax.numpy.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def attend_folded(q, k, v):
+  """Heads folded into the batch: [B*H, N, Dh] operands for plain batched matmuls."""
+  b, n, h, dh = q.shape
+  fold = lambda x: x.transpose(0, 2, 1, 3).reshape(b * h, n, dh)  # [B*H, N, Dh]
+  q, k, v = fold(q), fold(k), fold(v)
+  scores = jax.numpy.matmul(q, k.transpose(0, 2, 1)) / np.sqrt(dh).astype(q.dtype)
+  weights = jax.nn.softmax(scores.astype(jax.numpy.float32), axis=-1).astype(v.dtype)
+  return jax.numpy.matmul(weights, v).reshape(b, h, n, dh).transpose(0, 2, 1, 3)
+
+
+ATTENDS = {"einsum": attend_einsum, "folded": attend_folded}
+
+
+def jax_step(config, batch: int, gelu: str | None = None,
+             attend: str | None = None) -> Callable[[], None]:
   """A ready-to-run closure doing one train step; compiled before returning."""
   run_config = base.get_config().unlock()
   run_config.model.update(config.to_dict())
@@ -50,14 +73,16 @@ def jax_step(config, batch: int, gelu: str | None = None) -> Callable[[], None]:
       jax.random.normal(jax.random.key(1), (batch, config.image_size, config.image_size, 3)),
       sharding.batch_sharding(mesh))}
   holder = {"state": state}
-  shipped = models.gelu
+  shipped = models.gelu, models.attend
   if gelu:
     models.gelu = GELUS[gelu]  # traced into this step only
+  if attend:
+    models.attend = ATTENDS[attend]
   try:
     holder["state"], m = step(holder["state"], images)
     jax.block_until_ready(m)
   finally:
-    models.gelu = shipped
+    models.gelu, models.attend = shipped
 
   def run():
     holder["state"], m = step(holder["state"], images)
@@ -116,6 +141,9 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--torch", action="store_true")
   parser.add_argument("--matmul", type=int, default=2048)
+  parser.add_argument("--levers", action="store_true",
+                      help="also time attention written as einsums and with heads folded "
+                           "into the batch")
   args = parser.parse_args()
   config = model_config(args.variant, dtype="float32")
   ablation = model_config(args.variant, dtype="float32", encoder_mask_tokens=True)
@@ -129,6 +157,11 @@ def main():
       "mae_jax with jax.nn.gelu erfc form": jax_step(config, args.batch, "erfc"),
       "mae_jax with tanh GELU (not faithful)": jax_step(config, args.batch, "tanh"),
   }
+  if args.levers:
+    for attend, what in (("einsum", "einsums [B,H,N,N]"), ("folded", "heads in batch")):
+      name = f"mae_jax, attention as {what}"
+      rows[name] = jax_step(config, args.batch, attend=attend)
+      flops[name] = flops["mae_jax (encoder on visible patches)"]
   if args.torch:
     import torch
     torch.set_num_threads(os.cpu_count())

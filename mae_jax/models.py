@@ -35,6 +35,15 @@ def gelu(x: jax.Array) -> jax.Array:
   return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * np.float32(np.sqrt(0.5))))).astype(x.dtype)
 
 
+def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(Dh)) v per head: [B, N, H, Dh] each -> [B, N, H, Dh].
+
+  jax.nn.dot_product_attention picks the backend's fused kernel where there is one (cuDNN
+  on GPU); benchmarks/mae_step.py --levers times other layouts on the CPU.
+  """
+  return jax.nn.dot_product_attention(q, k, v)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (bias on), as the reference."""
   num_heads: int
@@ -46,7 +55,7 @@ class Attention(nn.Module):
     h = self.num_heads
     qkv = nn.Dense(3 * d, kernel_init=xavier, dtype=self.dtype, name="qkv")(x)  # [B, N, 3D]
     q, k, v = jnp.split(qkv.reshape(b, n, 3, h, d // h), 3, axis=2)  # 3 x [B, N, 1, H, Dh]
-    out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])  # [B, N, H, Dh]
+    out = attend(q[:, :, 0], k[:, :, 0], v[:, :, 0])  # [B, N, H, Dh]
     return nn.Dense(d, kernel_init=xavier, dtype=self.dtype, name="proj")(out.reshape(b, n, d))
 
 
