@@ -11,6 +11,7 @@ round starts one row later, so no row always runs right after the same other):
     GELU, to show what exact GELU costs;
   * with --levers, mae_jax with attention written as einsums ([B, H, N, N] scores) and
     with the heads folded into the batch ([B*H, N, Dh] batched matmuls);
+  * a control: the first row's program built again after the others;
   * with --torch, the same step in PyTorch (transformers' ViTMAEForPreTraining, AdamW), the
     reference architecture, on the same number of threads;
   * XLA's own rate on one large float32 matmul (--matmul N: N x N x N), timed in the same
@@ -163,6 +164,12 @@ def main():
       name = f"mae_jax, attention as {what}"
       rows[name] = jax_step(config, args.batch, attend=attend)
       flops[name] = flops["mae_jax (encoder on visible patches)"]
+  # The same program as the first row, built last: identical steps built at different
+  # times differ by several percent here (3.66 vs 3.41 s, B/16 batch 8), so this row shows
+  # how far apart two rows must be to mean anything.
+  control = "control: mae_jax as shipped, built last"
+  rows[control] = jax_step(config, args.batch)
+  flops[control] = flops["mae_jax (encoder on visible patches)"]
   if args.torch:
     import torch
     torch.set_num_threads(os.cpu_count())
