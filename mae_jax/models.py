@@ -38,8 +38,9 @@ def gelu(x: jax.Array) -> jax.Array:
 def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """softmax(q k^T / sqrt(Dh)) v per head: [B, N, H, Dh] each -> [B, N, H, Dh].
 
-  jax.nn.dot_product_attention picks the backend's fused kernel where there is one (cuDNN
-  on GPU); benchmarks/mae_step.py --levers times other layouts on the CPU.
+  jax.nn.dot_product_attention with implementation=None, which is its XLA form on every
+  backend (JAX 0.10); benchmarks/gpu.py times cuDNN's fused kernel against it, and
+  benchmarks/mae_step.py --levers other layouts on the CPU.
   """
   return jax.nn.dot_product_attention(q, k, v)
 
