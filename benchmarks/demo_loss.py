@@ -28,7 +28,7 @@ from mae_jax import mae_apply
 from mae_jax.checkpointing import load_params
 from mae_jax.config import ModelConfig
 from mae_jax.data import pipeline
-from mae_jax.losses import masked_mse, normalize_patches
+from mae_jax.losses import normalize_patches
 from mae_jax.masking import random_masking
 from mae_jax.patches import patchify
 from mae_jax.tasks.pretrain import PretrainTask
@@ -65,14 +65,13 @@ def losses(params_by_name: dict, batches: list[jax.Array], model: ModelConfig,
   for i, images in enumerate(batches):
     noise = jax.random.uniform(jax.random.fold_in(rng, i), (images.shape[0], model.num_patches))
     target, mask, patch_mean = targets(images, noise, model)
-    outputs = {name: mae_apply(params, images, config=model, noise=noise)
-               for name, params in params_by_name.items()}
-    for name, pred in {**{k: o.pred for k, o in outputs.items()}, "patch mean": patch_mean
-                       }.items():
-      colour, structure = loss_parts(pred, target, mask, model.channels)
-      if name in outputs:  # the parts add up to the model's own loss
-        np.testing.assert_allclose(colour + structure, outputs[name].loss, rtol=1e-4)
+    for name, params in params_by_name.items():
+      output = mae_apply(params, images, config=model, noise=noise)
+      colour, structure = loss_parts(output.pred, target, mask, model.channels)
+      np.testing.assert_allclose(colour + structure, output.loss, rtol=1e-4)  # parts add up
       out[name].append((colour + structure, colour, structure))
+    colour, structure = loss_parts(patch_mean, target, mask, model.channels)
+    out["patch mean"].append((colour + structure, colour, structure))
   return {name: np.mean(v, axis=0) for name, v in out.items()}
 
 
