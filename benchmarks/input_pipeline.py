@@ -10,10 +10,11 @@ Rows (images/s; each repeat pulls `batches` batches of `batch` 224 px crops from
   * reference: decode, torchvision's RandomResizedCrop(224, scale=(0.2, 1)) (box, crop,
     bicubic resize), flip, ToTensor + Normalize, written here in PIL + torch as torchvision
     does it; one process, then torch's DataLoader with a worker per core;
-  * ours: `pipeline.make_train_loader` with configs/base.py's input fields, worker_count 0
-    (this process: one core), then grain workers (--workers), with `draft_decode`, and with
-    grain's default read-ahead buffer (500 records) instead of ours (64);
-  * the host's share of the float normalise (what handing the device uint8 would save).
+  * ours: `pipeline.make_train_loader` with configs/base.py's input fields (uint8 batches,
+    `normalize_on_device`), worker_count 0 (this process: one core), then grain workers
+    (--workers), and with `draft_decode`;
+  * ours with each lever taken back, one at a time: float32 batches normalised on the host
+    (`normalize_on_device=False`), and JPEGs decoded by PIL instead of simplejpeg.
 The one-process rows are timed round-robin; worker rows (whose processes would keep working
 while other rows are timed) one after the other, each after its workers delivered a batch.
 """
@@ -102,30 +103,30 @@ def reference_batches(root: str, batch: int, workers: int) -> Iterator[torch.Ten
 
 
 def our_batches(root: str, batch: int, workers: int, buffer: int = 2, draft: bool = False,
-                read_buffer: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                on_device: bool = True) -> Iterator[dict[str, np.ndarray]]:
   config = base.get_config().input
   config.update(dataset="folder", data_dir=root, worker_count=workers,
-                worker_buffer_size=buffer, draft_decode=draft)
-  if read_buffer is not None:
-    config.read_buffer = read_buffer
+                worker_buffer_size=buffer, draft_decode=draft, normalize_on_device=on_device)
   return iter(pipeline.make_train_loader(config, image_size=224, global_batch_size=batch,
                                          seed=0, process_index=0, process_count=1))
 
 
-def normalise_only(root: str, batch: int) -> Iterator[None]:
-  """The float normalise of a batch of uint8 crops: the host work uint8 batches would save."""
-  crops = [np.asarray(Image.open(f).convert("RGB").resize((224, 224)))
-           for f in Reference(root).files[:batch]]
-  normalise = transforms.Normalize()
+def pil_decode(batches: Iterator) -> Iterator:
+  """`batches` (in this process) with every JPEG decoded by PIL, as before simplejpeg."""
+  fast = transforms._decode_jpeg  # pylint: disable=protected-access
   while True:
-    yield np.stack([normalise.map({"image": c})["image"] for c in crops])
+    transforms._decode_jpeg = lambda data, min_pixels: None  # pylint: disable=protected-access
+    try:
+      out = next(batches)
+    finally:
+      transforms._decode_jpeg = fast  # pylint: disable=protected-access
+    yield out
 
 
 def pixel_difference(root: str, batches: int) -> tuple[float, float]:
   """Mean and max |draft - full| in 0..255 grey levels over the same crops (same rng)."""
   full, draft = our_batches(root, 16, 0), our_batches(root, 16, 0, draft=True)
-  std = np.array(base.IMAGENET_STD, np.float32) * 255
-  diff = np.stack([np.abs(next(full)["image"] - next(draft)["image"]) * std
+  diff = np.stack([np.abs(next(full)["image"].astype(np.float32) - next(draft)["image"])
                    for _ in range(batches)])
   return float(diff.mean()), float(diff.max())
 
@@ -159,10 +160,12 @@ def main():
     rows[f"{px} ours, worker_count 0"] = (our_batches(root, b, 0), ref)
     rows[f"{px} ours, worker_count 0, draft_decode"] = (our_batches(root, b, 0, draft=True), ref)
   root = folders["imagenet"]
-  rows["500x375 ours, worker_count 0, grain's default read-ahead (500 records)"] = (
-      our_batches(root, b, 0, read_buffer=500), "500x375 reference, 1 process")
-  rows["500x375 normalise alone (host share of float work)"] = (
-      normalise_only(root, b), "500x375 ours, worker_count 0")
+  ref = "500x375 reference, 1 process"
+  rows["500x375 ours, float32 normalised on the host"] = (
+      our_batches(root, b, 0, on_device=False), ref)
+  rows["500x375 ours, JPEGs decoded by PIL"] = (pil_decode(our_batches(root, b, 0)), ref)
+  rows["500x375 ours, both: float32 on the host, PIL"] = (
+      pil_decode(our_batches(root, b, 0, on_device=False)), ref)
   for it, _ in rows.values():
     next(it)  # start-up: files are listed, read threads start
   times = {name: [] for name in rows}
@@ -175,8 +178,8 @@ def main():
   worker_rows = {
       ref: lambda: reference_batches(root, b, n),
       f"500x375 ours, {n} grain workers, buffer 2": lambda: our_batches(root, b, n, 2),
-      f"500x375 ours, {n} grain workers, buffer 1": lambda: our_batches(root, b, n, 1),
-      f"500x375 ours, {2 * n} grain workers, buffer 2": lambda: our_batches(root, b, 2 * n, 2),
+      f"500x375 ours, {n} grain workers, float32 on the host": (
+          lambda: our_batches(root, b, n, 2, on_device=False)),
   } if n else {}
   for name, make in worker_rows.items():
     it = make()

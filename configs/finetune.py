@@ -55,6 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.input.crop_scale = (0.08, 1.0)
   config.input.randaugment = "rand-m9-mstd0.5-inc1"
   config.input.reprob = 0.25
+  config.input.normalize_on_device = False  # random erasing fills normalised host pixels
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1250  # ~1 epoch at batch 1024
   config.evals.classification = dict(type="classification", every_steps=1250, batch_size=1024)

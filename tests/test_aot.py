@@ -232,7 +232,7 @@ def test_compile_for_v5e_matches_the_arrays():
   params = sum(x.size * 4 for x in jax.tree.leaves(shapes))
   assert r["params"] == params  # fsdp 1: every chip holds all parameters
   assert 2 * params <= r["opt_state"] <= 2 * params + 16  # AdamW mu, nu and step counters
-  assert r["batch"] == 8 * 32 * 32 * 3 * 4  # one chip's images
+  assert r["batch"] == 8 * 32 * 32 * 3  # one chip's images, uint8 (input.normalize_on_device)
   m = r["memory"]
   arrays = r["params"] + r["opt_state"] + r["batch"]
   # XLA's input buffers are these arrays (+ the step counter), padded to TPU tiles.

@@ -203,6 +203,32 @@ def test_draft_decode_reduces_only_jpegs_with_pixels_to_spare():
   assert min(min(h, w) for _, _, h, w in boxes) >= 64
 
 
+def _pil_rgb(data, draft_scale=1):
+  """PIL's own decode (and draft), as torchvision's loader does it."""
+  with Image.open(io.BytesIO(data)) as pil:
+    if draft_scale > 1:
+      pil.draft(None, (pil.size[0] // draft_scale, pil.size[1] // draft_scale))
+    return np.asarray(pil.convert("RGB"))
+
+
+def test_jpegs_decode_to_pils_pixels_at_full_and_reduced_size():
+  photo = Image.fromarray(_photo_like(203, 301))  # odd sizes: partial MCUs at the edges
+  kinds = {"4:2:0": dict(), "4:2:2": dict(subsampling=1), "4:4:4": dict(subsampling=0),
+           "progressive": dict(progressive=True), "grayscale": dict(mode="L"),
+           "CMYK": dict(mode="CMYK")}
+  min_pixels = 7000  # 1/2 size: 151 x 102 = 15402 pixels; 1/4: 76 x 51 = 3876
+  for kind, options in kinds.items():
+    buf = io.BytesIO()
+    photo.convert(options.pop("mode", "RGB")).save(buf, format="JPEG", quality=90, **options)
+    data = buf.getvalue()
+    # simplejpeg decodes all but CMYK (PIL's conversion of which it would not match).
+    assert (transforms._decode_jpeg(data, 0) is None) == (kind == "CMYK"), kind
+    np.testing.assert_array_equal(transforms.decode_rgb(data), _pil_rgb(data), err_msg=kind)
+    np.testing.assert_array_equal(transforms.decode_rgb(data, min_pixels), _pil_rgb(data, 2),
+                                  err_msg=kind)
+  assert transforms._decode_jpeg(_png(_photo_like(20, 30)), 0) is None
+
+
 def test_draft_decode_is_an_option_of_the_loader(tmp_path):
   d = tmp_path / "train" / "a"
   d.mkdir(parents=True)
@@ -215,6 +241,36 @@ def test_draft_decode_is_an_option_of_the_loader(tmp_path):
     batches[draft] = _pixels(next(iter(loader))["image"])
   difference = np.abs(batches[True] - batches[False])
   assert 0 < difference.mean() < 3.0  # same crops, slightly different pixels
+
+
+def test_uint8_batches_are_the_reference_pixels_and_normalise_on_the_device(tmp_path):
+  d = tmp_path / "train" / "a"
+  d.mkdir(parents=True)
+  photo = _photo_like(90, 120)
+  for i in range(6):
+    (d / f"{i}.jpg").write_bytes(_jpeg(np.roll(photo, 7 * i, axis=1)))
+  base = dict(dataset="folder", data_dir=str(tmp_path))
+  kwargs = dict(image_size=32, global_batch_size=6, seed=4, process_index=0, process_count=1)
+  host = next(iter(pipeline.make_train_loader(_config(**base), **kwargs)))["image"]
+  config = _config(**base, normalize_on_device=True)
+  pixels = next(iter(pipeline.make_train_loader(config, **kwargs)))["image"]
+  assert pixels.dtype == np.uint8 and pixels.shape == (6, 32, 32, 3)
+  # Record k of the first epoch, augmented the plain way (an array, cropped, resized, flipped)
+  # with the rng grain gives it.
+  source = sources.folder_source(str(tmp_path))
+  for k in range(6):
+    rng = np.random.Generator(np.random.Philox(key=4 + k))
+    image = transforms.decode_rgb(source[index_shuffle(k, max_index=5, seed=4, rounds=4)]["image"])
+    top, left, h, w = transforms.random_resized_crop_box(90, 120, rng)
+    want = np.asarray(Image.fromarray(image[top:top + h, left:left + w]).resize((32, 32),
+                                                                                 Image.BICUBIC))
+    np.testing.assert_array_equal(pixels[k], want[:, ::-1] if rng.random() < 0.5 else want)
+  on_device = jax.jit(lambda x: pipeline.device_images(x, config))
+  np.testing.assert_allclose(np.asarray(on_device(pixels)), host, rtol=0, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(on_device(host)), host)  # float passes through
+  with pytest.raises(ValueError, match="normalize_on_device=True cannot be combined with "
+                                       "input.reprob=0.25"):
+    pipeline.make_train_loader(_config(**base, normalize_on_device=True, reprob=0.25), **kwargs)
 
 
 def test_horizontal_flip_mirrors_about_half_the_time():

@@ -61,8 +61,10 @@ def test_linear_probe_keeps_the_restored_encoder_frozen(tmp_path, demo_dir, pret
   images = jax.random.normal(jax.random.key(3), (4, 32, 32, 3))
   task = make_task(probe_config(demo_dir, pretrained))
   got = task.features(state["params"], state["model_state"], images)
+  # Two compiled programs of the same sums: float32 rounding (1.2e-6 seen on values ~0.1).
+  # Another pooling or a missing norm differs by ~0.1.
   np.testing.assert_allclose(got, encode(params["encoder"], images, config=model)[:, 0],
-                             rtol=1e-6, atol=1e-6)
+                             rtol=1e-5, atol=1e-5)
   # Stopped at step 2 and resumed, the probe ends bitwise where the uninterrupted one did
   # (head, LARS momentum and the BatchNorm statistics in the model state).
   resumed_dir = str(tmp_path / "resumed")

@@ -18,6 +18,11 @@ the hosts' batches into one global `jax.Array`. The loader is grain's
     (3/4, 4/3), the MAE recipe.
   hflip: random horizontal flip. Default True.
   mean, std: per-channel normalisation of [0, 1] pixels. Default ImageNet's.
+  normalize_on_device: True: training batches carry uint8 pixels, which the train step
+    normalises on the device (`device_images`): a quarter of the bytes to copy and send, and
+    no float work on the host (~1/4 of its time per image, benchmarks/input_pipeline.py).
+    Not with `reprob` (random erasing fills normalised pixels on the host). Default False:
+    float32 batches normalised on the host, as torchvision's ToTensor + Normalize.
   worker_count: grain worker processes (0 = in this process). Default 0.
   worker_buffer_size: batches each worker prepares ahead. Default 1.
   draft_decode: decode JPEGs at 1/2, 1/4 or 1/8 size (libjpeg DCT scaling) when every
@@ -44,6 +49,7 @@ from typing import Any
 from absl import flags
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mae_jax.data import randaugment
@@ -62,6 +68,7 @@ _DEFAULTS = {
     "worker_count": 0,
     "worker_buffer_size": 1,
     "draft_decode": False,
+    "normalize_on_device": False,
     "randaugment": None,
     "reprob": 0.0,
     "read_threads": None,
@@ -71,6 +78,23 @@ _DEFAULTS = {
 
 def _field(input_config: Any, name: str) -> Any:
   return getattr(input_config, name, _DEFAULTS[name])
+
+
+def train_image_dtype(input_config: Any) -> np.dtype:
+  """The dtype of training batches' images: uint8 with `normalize_on_device`, else float32."""
+  return np.dtype(np.uint8 if _field(input_config, "normalize_on_device") else np.float32)
+
+
+def device_images(images: jax.Array, input_config: Any) -> jax.Array:
+  """[B, H, W, 3] -> the model's float32 input, inside a jitted step: uint8 pixels
+  (`normalize_on_device`) are normalised as `transforms.Normalize` does on the host, in
+  float32 with the same constants; float images were normalised on the host and pass."""
+  if images.dtype != jnp.uint8:
+    return images
+  std = np.asarray(_field(input_config, "std"), np.float32)
+  scale = np.float32(1.0) / (np.float32(255.0) * std)
+  offset = np.asarray(_field(input_config, "mean"), np.float32) / std
+  return images.astype(jnp.float32) * scale - offset  # [B, H, W, 3]
 
 
 def read_options(input_config: Any, source: Any) -> grain.ReadOptions:
@@ -111,8 +135,8 @@ def make_train_loader(
 ) -> grain.DataLoader:
   """Infinite, shuffled, augmented batches of this host's shard.
 
-  Batches are `{'image': float32 [B, image_size, image_size, 3],
-  'skipped': int32 [B]}` with B = global_batch_size // process_count;
+  Batches are `{'image': float32 [B, image_size, image_size, 3] (uint8 with
+  `normalize_on_device`), 'skipped': int32 [B]}` with B = global_batch_size // process_count;
   `skipped.sum()` counts undecodable records dropped (see `transforms`).
   `source`: the source of `input_config.split` when the caller opened it already.
   """
@@ -125,6 +149,12 @@ def make_train_loader(
         f"global_batch_size={global_batch_size} is not divisible by the "
         f"process count {process_count}; every host must load the same "
         "number of examples.")
+  on_device = _field(input_config, "normalize_on_device")
+  if on_device and _field(input_config, "reprob") > 0:
+    raise ValueError(
+        f"input.normalize_on_device=True cannot be combined with input.reprob="
+        f"{_field(input_config, 'reprob')}: random erasing fills normalised pixels on the "
+        "host; set input.normalize_on_device=False (or reprob=0)")
   if source is None:  # the caller may pass the one it opened already (listing is slow)
     source = make_source(input_config, _field(input_config, "split"))
   shard_options = grain.sharding.ShardOptions(
@@ -149,7 +179,8 @@ def make_train_loader(
   mean = tuple(_field(input_config, "mean"))
   if _field(input_config, "randaugment"):
     operations.append(randaugment.RandAugment(_field(input_config, "randaugment"), mean))
-  operations.append(transforms.Normalize(mean, tuple(_field(input_config, "std"))))
+  if not on_device:
+    operations.append(transforms.Normalize(mean, tuple(_field(input_config, "std"))))
   if _field(input_config, "reprob") > 0:
     operations.append(randaugment.RandomErasing(_field(input_config, "reprob")))
   operations.append(grain.transforms.Batch(global_batch_size // process_count,

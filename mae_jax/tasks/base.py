@@ -98,9 +98,11 @@ class Task(abc.ABC):
 
   def batch_shapes(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes of a global batch of `batch_size` as the loader makes it (`batch_keys` of
-    float32 [B, H, W, 3] images and int32 [B] labels), for ahead-of-time compilation."""
+    [B, H, W, 3] images, float32 or uint8 (`input.normalize_on_device`), and int32 [B]
+    labels), for ahead-of-time compilation."""
     s = self.image_size
-    shapes = {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.float32),
+    image_dtype = pipeline.train_image_dtype(self.config.input)
+    shapes = {"image": jax.ShapeDtypeStruct((batch_size, s, s, 3), image_dtype),
               "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
     return {k: shapes[k] for k in self.batch_keys}
 

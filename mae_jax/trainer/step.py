@@ -15,6 +15,7 @@ import optax
 from jax.sharding import Mesh
 
 from mae_jax import sharding
+from mae_jax.data import pipeline
 from mae_jax.tasks.base import Batch, Task
 
 # {'step': int32 [], 'params', 'opt_state'} and 'model_state' when the task has one (a
@@ -59,7 +60,8 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
                     ) -> Callable[[State, Batch], tuple[State, Metrics]]:
   """Returns jitted `step(state, batch) -> (state, metrics)`; `state` is donated.
 
-  batch: dict of global arrays, leading axis [B] sharded over the mesh. The step's rng is
+  batch: dict of global arrays, leading axis [B] sharded over the mesh; uint8 images
+  (`input.normalize_on_device`) are normalised first, on the device. The step's rng is
   the seed folded with the step number; `task.prepare_batch` draws the whole batch's
   randomness from it, then the batch is split into `grad_accum_steps` micro-batches whose
   gradients are averaged (micro-batch i gets the rng folded with i): 2 x B/2 gives the
@@ -75,6 +77,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, schedule: opta
 
   def step(state, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+    batch = {**batch, "image": pipeline.device_images(batch["image"], task.config.input)}
     batch = task.prepare_batch(batch, rng)
     params, model_state = state["params"], state.get("model_state", {})
     if k == 1:
