@@ -75,7 +75,8 @@ def _decode_jpeg(data: bytes, min_pixels: int) -> np.ndarray | None:
 def decode_rgb(image: bytes | np.ndarray, min_pixels: int = 0) -> np.ndarray:
   """Returns an RGB uint8 [H, W, 3] array from encoded bytes or an array.
 
-  Grayscale, palette, CMYK, YCbCr, ... go through PIL's RGB conversion; alpha
+  YCbCr and grayscale JPEGs are decoded by simplejpeg (`_decode_jpeg`), to PIL's pixels.
+  Everything else goes through PIL: grayscale, palette, CMYK, ... by its RGB conversion; alpha
   is dropped (as `convert('RGB')` in torchvision's loader); 16-bit grayscale is
   rescaled rather than clipped at 255 as PIL would. Raises on corrupt data.
   min_pixels > 0: a JPEG is decoded at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling, PIL's
