@@ -90,7 +90,9 @@ def main() -> None:
   held_out = jnp.asarray(pipeline.make_eval_batch(config.input, image_size=model.image_size,
                                                   num_images=32))
   loader = iter(task.train_loader(task.train_source()))
-  train = [jnp.asarray(next(loader)["image"]) for _ in range(args.draws // 4)]
+  # uint8 batches (input.normalize_on_device) become the model's normalised input here.
+  train = [pipeline.device_images(jnp.asarray(next(loader)["image"]), config.input)
+           for _ in range(args.draws // 4)]
   print(f"masked-patch loss ({'norm_pix' if model.norm_pix_loss else 'pixels'}, mask ratio "
         f"{model.mask_ratio}) of {args.workdir} = colour part + structure part")
   for name, batches in (("held-out images", [held_out] * args.draws),

@@ -36,7 +36,8 @@ def pipeline_rows(args) -> dict:
   plain = finetune.get_config().input.to_dict()
   plain.update(randaugment=None, reprob=0.0)
   for name, inputs in (
-      ("pretraining input (crop 0.2-1, flip, normalise)", base.get_config().input.to_dict()),
+      ("pretraining input (crop 0.2-1, flip; uint8, normalised on the device)",
+       base.get_config().input.to_dict()),
       ("fine-tuning input (crop 0.08-1, + RandAugment, random erasing)",
        finetune.get_config().input.to_dict()),
       ("fine-tuning input without RandAugment and erasing (crop 0.08-1)", plain)):
