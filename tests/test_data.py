@@ -229,6 +229,13 @@ def test_jpegs_decode_to_pils_pixels_at_full_and_reduced_size():
   assert transforms._decode_jpeg(_png(_photo_like(20, 30)), 0) is None
 
 
+def test_jpegs_past_pils_pixel_limit_are_skipped_as_before(monkeypatch):
+  """PIL refuses decompression bombs; the fast decoder must not decode them instead."""
+  data = _jpeg(_photo_like(60, 80))
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 60 * 80 // 2 - 1)
+  assert transforms.DecodeImage().map({"image": data}) == {"image": None}
+
+
 def test_draft_decode_is_an_option_of_the_loader(tmp_path):
   d = tmp_path / "train" / "a"
   d.mkdir(parents=True)

@@ -368,6 +368,20 @@ def test_draft_decode_off_signs_a_run_as_before_the_option(demo_dir):
   assert run_signature(drafted, plan, task)["input"]["draft_decode"] is True
 
 
+def test_runs_from_before_normalize_on_device_resume_with_it(demo_dir):
+  """The option moves the normalise, not the data: checkpoints written before it existed
+  (and runs that flip it) keep their run signature."""
+  config = config_with(demo_dir)
+  task = PretrainTask(config)
+  plan, _, _ = plan_and_optimizer(config, task, 320)
+  before = config.copy_and_resolve_references().unlock()
+  del before.input["normalize_on_device"]
+  assert config.input.normalize_on_device
+  flipped = set_fields(config, **{"input.normalize_on_device": False})
+  want = run_signature(before, plan, task)
+  assert run_signature(config, plan, task) == want == run_signature(flipped, plan, task)
+
+
 def test_unsupported_url_workdir_is_a_clear_error(tmp_path, demo_dir):
   # gs:// workdirs: tests/test_buckets.py (against an emulator, without network).
   with pytest.raises(ValueError, match="only local paths and Cloud Storage paths"):

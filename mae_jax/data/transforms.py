@@ -64,6 +64,8 @@ def _decode_jpeg(data: bytes, min_pixels: int) -> np.ndarray | None:
     height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     if colorspace not in ("YCbCr", "Gray"):  # PIL converts CMYK and others its own way
       return None
+    if Image.MAX_IMAGE_PIXELS and height * width > 2 * Image.MAX_IMAGE_PIXELS:
+      return None  # PIL raises DecompressionBombError for these: the image is skipped
     scale = draft_scale(width, height, min_pixels) if min_pixels else 1
     # The reduced sizes of libjpeg's 1/scale, which simplejpeg then picks (as PIL's draft).
     return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // scale),

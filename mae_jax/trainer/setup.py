@@ -52,8 +52,10 @@ def plan_and_optimizer(config: ml_collections.ConfigDict, task: Task, num_exampl
 
 
 # Input settings a resumed run may change: where the data lives and how it is read.
+# normalize_on_device only moves the normalise (host and device agree to 1e-6), so runs
+# checkpointed before the option resume with it on or off.
 FREE_INPUT_FIELDS = ("data_dir", "eval_split", "worker_count", "worker_buffer_size",
-                     "read_threads", "read_buffer")
+                     "read_threads", "read_buffer", "normalize_on_device")
 
 
 def run_signature(config: ml_collections.ConfigDict, plan: Plan, task: Task) -> dict[str, Any]:
