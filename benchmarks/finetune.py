@@ -4,8 +4,9 @@
   python benchmarks/finetune.py step [--variant B/16] [--batch 8] [--repeats 3]
 
 `pipeline`: images/s of one host's input pipeline in this process (worker_count 0: one CPU
-core), pretraining's (crop + flip + normalise) next to fine-tuning's (+ RandAugment
-rand-m9-mstd0.5-inc1 + random erasing), on the bundled demo photographs at 224 px; both are
+core), pretraining's (crop + flip; uint8, normalised on the device) next to fine-tuning's
+(+ RandAugment rand-m9-mstd0.5-inc1 + random erasing), on the bundled demo photographs at
+224 px; both are
 `pipeline.make_train_loader` with the configs' input fields. Mixup / CutMix run on the device
 inside the step and are timed there.
 
