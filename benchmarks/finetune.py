@@ -6,9 +6,8 @@
 `pipeline`: images/s of one host's input pipeline in this process (worker_count 0: one CPU
 core), pretraining's (crop + flip; uint8, normalised on the device) next to fine-tuning's
 (+ RandAugment rand-m9-mstd0.5-inc1 + random erasing), on the bundled demo photographs at
-224 px; both are
-`pipeline.make_train_loader` with the configs' input fields. Mixup / CutMix run on the device
-inside the step and are timed there.
+224 px; both are `pipeline.make_train_loader` with the configs' input fields. Mixup /
+CutMix run on the device inside the step and are timed there.
 
 `step`: the fine-tuning train step (`make_train_step` of the `finetune` task of
 configs/finetune.py: drop path, Mixup / CutMix, AdamW with layer-wise lr decay), float32,
