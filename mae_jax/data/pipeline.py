@@ -87,13 +87,12 @@ def train_image_dtype(input_config: Any) -> np.dtype:
 
 def device_images(images: jax.Array, input_config: Any) -> jax.Array:
   """[B, H, W, 3] -> the model's float32 input, inside a jitted step: uint8 pixels
-  (`normalize_on_device`) are normalised as `transforms.Normalize` does on the host, in
-  float32 with the same constants; float images were normalised on the host and pass."""
+  (`normalize_on_device`) are normalised as `transforms.Normalize` does on the host, with
+  the same float32 constants; float images were normalised on the host and pass."""
   if images.dtype != jnp.uint8:
     return images
-  std = np.asarray(_field(input_config, "std"), np.float32)
-  scale = np.float32(1.0) / (np.float32(255.0) * std)
-  offset = np.asarray(_field(input_config, "mean"), np.float32) / std
+  scale, offset = transforms.normalize_constants(_field(input_config, "mean"),
+                                                 _field(input_config, "std"))
   return images.astype(jnp.float32) * scale - offset  # [B, H, W, 3]
 
 

@@ -264,6 +264,17 @@ class ResizeCenterCrop(grain.transforms.Map):
     return {**element, "image": image[top:top + crop, left:left + crop]}
 
 
+def normalize_constants(mean: tuple[float, ...], std: tuple[float, ...]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+  """float32 (scale, offset) per channel with `(x / 255 - mean) / std = x * scale - offset`.
+
+  One multiply-add, x / (255 std) - mean / std: within 5e-7 of the formula and half its time.
+  `Normalize` (on the host) and `pipeline.device_images` (in the step) both use these.
+  """
+  std = np.asarray(std, np.float32)
+  return np.float32(1.0) / (np.float32(255.0) * std), np.asarray(mean, np.float32) / std
+
+
 @dataclasses.dataclass
 class Normalize(grain.transforms.Map):
   """uint8 RGB -> float32 `(x / 255 - mean) / std`, mean and std per channel."""
@@ -272,11 +283,7 @@ class Normalize(grain.transforms.Map):
   std: tuple[float, float, float] = IMAGENET_STD
 
   def __post_init__(self):
-    # As one multiply-add in place, x / (255 std) - mean / std: within 5e-7 of the formula
-    # above and half its time (the host's float work on every image).
-    std = np.asarray(self.std, np.float32)
-    self._scale = np.float32(1.0) / (np.float32(255.0) * std)
-    self._offset = np.asarray(self.mean, np.float32) / std
+    self._scale, self._offset = normalize_constants(self.mean, self.std)
 
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
     image = element["image"].astype(np.float32)
