@@ -28,7 +28,7 @@ import numpy as np
 
 from mae_jax import models
 from mae_jax.config import model_config
-from mae_jax.masking import num_kept
+from mae_jax.masking import num_kept, random_masking
 from mae_step import jax_step
 
 
@@ -49,8 +49,8 @@ def index_ops(gather: Callable, config, batch: int) -> Callable[[], None]:
   tokens = jax.random.normal(rng[0], (batch, n, config.width))  # [B, N, D]
   decoded = jax.random.normal(rng[1], (batch, keep, config.decoder_width))  # [B, L, Dd]
   mask_token = jnp.zeros((1, 1, config.decoder_width))
-  ids_shuffle = jnp.argsort(jax.random.uniform(rng[2], (batch, n)), axis=1)
-  ids_keep, ids_restore = ids_shuffle[:, :keep], jnp.argsort(ids_shuffle, axis=1)
+  masking = random_masking(tokens, config.mask_ratio, rng=rng[2])  # the model's own indices
+  ids_keep, ids_restore = masking.ids_keep, masking.ids_restore
 
   def loss(tokens, decoded, mask_token):
     kept = gather(tokens, ids_keep)  # [B, L, D]
