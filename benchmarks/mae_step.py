@@ -42,15 +42,19 @@ GELUS = {"erfc": lambda x: jax.nn.gelu(x, approximate=False),
          "tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
-def attend_einsum(q, k, v):
-  """Attention written out: scores as [B, H, N, N], softmax in float32."""
+def attend_einsum(q, k, v, attention="auto"):
+  """Attention written out: scores as [B, H, N, N], softmax in float32 (`attention`, the
+  model's kernel setting, is not used)."""
+  del attention
   scores = jax.numpy.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1]).astype(q.dtype)
   weights = jax.nn.softmax(scores.astype(jax.numpy.float32), axis=-1).astype(v.dtype)
   return jax.numpy.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
-def attend_folded(q, k, v):
-  """Heads folded into the batch: [B*H, N, Dh] operands for plain batched matmuls."""
+def attend_folded(q, k, v, attention="auto"):
+  """Heads folded into the batch: [B*H, N, Dh] operands for plain batched matmuls
+  (`attention`, the model's kernel setting, is not used)."""
+  del attention
   b, n, h, dh = q.shape
   fold = lambda x: x.transpose(0, 2, 1, 3).reshape(b * h, n, dh)  # [B*H, N, Dh]
   q, k, v = fold(q), fold(k), fold(v)
@@ -62,9 +66,8 @@ def attend_folded(q, k, v):
 ATTENDS = {"einsum": attend_einsum, "folded": attend_folded}
 
 
-def jax_step(config, batch: int, gelu: str | None = None,
-             attend: str | None = None) -> Callable[[], None]:
-  """A ready-to-run closure doing one train step; compiled before returning."""
+def build(config, batch: int) -> tuple[Callable, dict, dict]:
+  """The trainer's jitted step (not yet compiled), its train state and a batch of images."""
   run_config = base.get_config().unlock()
   run_config.model.update(config.to_dict())
   task = PretrainTask(run_config)  # the recipe's AdamW, as in a real run
@@ -75,6 +78,13 @@ def jax_step(config, batch: int, gelu: str | None = None,
   images = {"image": jax.device_put(
       jax.random.normal(jax.random.key(1), (batch, config.image_size, config.image_size, 3)),
       sharding.batch_sharding(mesh))}
+  return step, state, images
+
+
+def jax_step(config, batch: int, gelu: str | None = None,
+             attend: str | None = None) -> Callable[[], None]:
+  """A ready-to-run closure doing one train step; compiled before returning."""
+  step, state, images = build(config, batch)
   holder = {"state": state}
   shipped = models.gelu, models.attend
   if gelu:

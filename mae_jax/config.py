@@ -20,6 +20,12 @@ VARIANTS: dict[str, dict[str, int]] = {
 }
 
 DTYPES = ("float32", "bfloat16")
+# Attention kernels: 'auto' is cuDNN's fused kernel on GPUs in bfloat16 and XLA's elsewhere
+# (models.attention_implementation); 'cudnn' needs a GPU and bfloat16.
+ATTENTIONS = ("auto", "xla", "cudnn")
+# Fields that choose how the model computes, not what it is: a checkpoint's may differ from
+# the config's (resuming, init_from), since the float32 weights are the same either way.
+COMPUTE_FIELDS = ("dtype", "attention")
 
 
 def _check_positive_ints(config, names) -> None:
@@ -47,6 +53,7 @@ class ViTConfig:
   mlp_ratio: float = 4.0
   layer_norm_eps: float = 1e-6
   dtype: str = "float32"  # activation dtype; parameters are always float32
+  attention: str = "auto"  # which kernel computes attention (ATTENTIONS); same weights
 
   def __post_init__(self):
     _check_positive_ints(self, ("image_size", "patch_size", "channels", "width", "depth",
@@ -64,6 +71,11 @@ class ViTConfig:
       raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps}")
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+    if self.attention == "cudnn" and self.dtype != "bfloat16":
+      raise ValueError(f"attention 'cudnn' needs dtype 'bfloat16' (cuDNN's fused attention "
+                       f"has no float32 kernel), got dtype {self.dtype!r}")
 
   @property
   def grid_size(self) -> int:

@@ -35,20 +35,65 @@ def gelu(x: jax.Array) -> jax.Array:
   return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * np.float32(np.sqrt(0.5))))).astype(x.dtype)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def attention_implementation(attention: str, dtype: jnp.dtype, backend: str) -> str:
+  """The kernel a config's `attention` setting ('auto', 'xla', 'cudnn') means for
+  activations of `dtype` on `backend` (jax.default_backend()): 'xla' or 'cudnn'.
+
+  'auto' is cuDNN's fused kernel on GPUs in bfloat16 (1.31x the ViT-B/16 train step of XLA's
+  attention on an H200, BENCHMARKS.md) and XLA's everywhere else. 'cudnn' elsewhere is a
+  ValueError naming the setting, raised before anything compiles.
+  """
+  if attention == "cudnn" and backend != "gpu":
+    raise ValueError(f"model attention 'cudnn' needs a GPU, but JAX's backend is {backend!r}: "
+                     "use attention 'auto' or 'xla'")
+  if attention == "auto":
+    return "cudnn" if backend == "gpu" and jnp.dtype(dtype) == jnp.bfloat16 else "xla"
+  return attention
+
+
+def attend_even(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
+  """`jax.nn.dot_product_attention` with an odd sequence length padded by one masked token.
+
+  [B, N, H, Dh] each -> [B, N, H, Dh]. JAX 0.11 refuses cuDNN's training kernel at odd
+  lengths (its check counts the placeholder it passes for "no bias" as a bias), and MAE's
+  decoder sees 1 + 196 tokens. The true lengths go in as query and key/value sequence
+  lengths, so the pad takes part in no softmax, and its output row is dropped.
+  """
+  n = q.shape[1]
+  if n % 2 == 0:
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0)))  # [B, N + 1, H, Dh]
+  lengths = jnp.full((q.shape[0],), n, jnp.int32)
+  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), query_seq_lengths=lengths,
+                                     key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  return out[:, :n]
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, attention: str = "auto") -> jax.Array:
   """softmax(q k^T / sqrt(Dh)) v per head: [B, N, H, Dh] each -> [B, N, H, Dh].
 
-  jax.nn.dot_product_attention with implementation=None, which is its XLA form on every
-  backend (JAX 0.10); benchmarks/gpu.py times cuDNN's fused kernel against it, and
-  benchmarks/mae_step.py --levers other layouts on the CPU.
+  `attention` is the config's setting (`attention_implementation`). XLA's form is
+  jax.nn.dot_product_attention's; benchmarks/gpu.py times cuDNN's against it, and
+  benchmarks/mae_step.py --levers other layouts on the CPU. With 'auto', a shape cuDNN
+  refuses while tracing (e.g. a head dim over 256) falls back to XLA's form.
   """
-  return jax.nn.dot_product_attention(q, k, v)
+  implementation = attention_implementation(attention, q.dtype, jax.default_backend())
+  if implementation == "xla":
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  try:
+    return attend_even(q, k, v, "cudnn")
+  except (NotImplementedError, RuntimeError):
+    if attention != "auto":
+      raise
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
 
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (bias on), as the reference."""
   num_heads: int
   dtype: jnp.dtype = jnp.float32
+  attention: str = "auto"  # the kernel (`attend`)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -56,7 +101,7 @@ class Attention(nn.Module):
     h = self.num_heads
     qkv = nn.Dense(3 * d, kernel_init=xavier, dtype=self.dtype, name="qkv")(x)  # [B, N, 3D]
     q, k, v = jnp.split(qkv.reshape(b, n, 3, h, d // h), 3, axis=2)  # 3 x [B, N, 1, H, Dh]
-    out = attend(q[:, :, 0], k[:, :, 0], v[:, :, 0])  # [B, N, H, Dh]
+    out = attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.attention)  # [B, N, H, Dh]
     return nn.Dense(d, kernel_init=xavier, dtype=self.dtype, name="proj")(out.reshape(b, n, d))
 
 
@@ -90,6 +135,7 @@ class Block(nn.Module):
   eps: float
   dtype: jnp.dtype = jnp.float32
   drop_path: float = 0.0
+  attention: str = "auto"  # the kernel (`attend`)
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -99,7 +145,8 @@ class Block(nn.Module):
       if deterministic or self.drop_path == 0:
         return y
       return drop_path(y, self.drop_path, self.make_rng("drop_path"))
-    x = x + branch(Attention(self.num_heads, self.dtype, name="attn")(norm("norm1")(x)))
+    attn = Attention(self.num_heads, self.dtype, self.attention, name="attn")
+    x = x + branch(attn(norm("norm1")(x)))
     return x + branch(Mlp(self.mlp_dim, self.dtype, name="mlp")(norm("norm2")(x)))
 
 
@@ -148,7 +195,7 @@ class Encoder(nn.Module):
     rates = np.linspace(0, self.drop_path, cfg.depth)
     for i in range(cfg.depth):
       x = Block(cfg.num_heads, cfg.mlp_dim, cfg.layer_norm_eps, dtype, float(rates[i]),
-                name=f"blocks_{i}")(x, deterministic)
+                cfg.attention, name=f"blocks_{i}")(x, deterministic)
     if not self.final_norm:
       return x
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, name="norm")(x)
@@ -181,7 +228,7 @@ class Decoder(nn.Module):
     x = x + jnp.asarray(pos)
     for i in range(cfg.decoder_depth):
       x = Block(cfg.decoder_num_heads, cfg.decoder_mlp_dim, cfg.layer_norm_eps, dtype,
-                name=f"decoder_blocks_{i}")(x)
+                attention=cfg.attention, name=f"decoder_blocks_{i}")(x)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=dtype, name="decoder_norm")(x)
     x = nn.Dense(cfg.patch_dim, kernel_init=xavier, dtype=dtype, name="decoder_pred")(x)
     return x[:, 1:]  # drop the cls position: [B, N, p*p*C]

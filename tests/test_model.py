@@ -9,7 +9,7 @@ import pytest
 from mae_jax import init_params, mae_apply, model_config, patchify, random_masking, unpatchify
 from mae_jax.losses import masked_mse, normalize_patches
 from mae_jax.mae import encode
-from mae_jax.models import Encoder, gelu
+from mae_jax.models import Encoder, attend_even, attention_implementation, gelu
 from mae_jax.posemb import sincos_2d
 
 TINY = dict(image_size=32, patch_size=8, width=64, depth=2, num_heads=4, decoder_width=32,
@@ -278,6 +278,8 @@ def test_encode_all_patches():
     (dict(dtype="float16"), "dtype"),
     (dict(depth=0), "positive"),
     (dict(bogus=1), "unknown model config field"),
+    (dict(attention="flash"), "attention must be one of"),
+    (dict(attention="cudnn"), "needs dtype 'bfloat16'"),
 ])
 def test_bad_config_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -314,3 +316,45 @@ def test_mae_apply_is_jitted_and_composes():
   grad = jax.jit(jax.grad(lambda p: mae_apply(p, images, jax.random.key(0), config=cfg).loss))(params)
   assert jax.tree.structure(grad) == jax.tree.structure(params)
   assert hasattr(mae_apply, "lower")
+
+
+def test_attention_setting_picks_cudnn_only_on_gpus_in_bfloat16():
+  pick = attention_implementation
+  assert pick("auto", jnp.bfloat16, "gpu") == "cudnn"
+  assert [pick("auto", jnp.float32, "gpu"), pick("auto", jnp.bfloat16, "cpu"),
+          pick("auto", jnp.bfloat16, "tpu"), pick("xla", jnp.bfloat16, "gpu")] == ["xla"] * 4
+  assert pick("cudnn", jnp.bfloat16, "gpu") == "cudnn"
+  with pytest.raises(ValueError, match="'cudnn' needs a GPU, but JAX's backend is 'tpu'"):
+    pick("cudnn", jnp.bfloat16, "tpu")
+
+
+@pytest.mark.parametrize("n", [49, 50, 197])
+def test_odd_lengths_padded_for_cudnn_attend_as_unpadded(n):
+  """The pad token cuDNN's training kernel needs at odd lengths is masked out of the softmax
+  and dropped from the output, in the forward pass and the gradients (run with XLA's kernel,
+  which takes the same lengths, as this machine has no cuDNN)."""
+  q, k, v, t = (jax.random.normal(key, (2, n, 4, 8)) for key in jax.random.split(
+      jax.random.key(n), 4))
+
+  def grads(attend):
+    return jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) * t), argnums=(0, 1, 2))(q, k, v)
+  padded = lambda q, k, v: attend_even(q, k, v, "xla")
+  np.testing.assert_allclose(padded(q, k, v), jax.nn.dot_product_attention(q, k, v),
+                             atol=1e-6)
+  for got, want in zip(grads(padded), grads(jax.nn.dot_product_attention)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_auto_attention_falls_back_to_xla_where_cudnn_refuses(monkeypatch):
+  """On a GPU, 'auto' takes XLA's kernel where cuDNN refuses to trace (here: no cuDNN at
+  all, with the backend made to read 'gpu'); an explicit 'cudnn' raises instead."""
+  cfg = tiny(dtype="bfloat16", attention="xla")
+  params = init_params(cfg, jax.random.key(0))
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  want = mae_apply(params, images, jax.random.key(2), config=cfg)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  got = mae_apply(params, images, jax.random.key(2), config=tiny(dtype="bfloat16"))
+  np.testing.assert_array_equal(got.pred, want.pred)
+  with pytest.raises(RuntimeError, match="cuDNN"):
+    mae_apply(params, images, jax.random.key(2), config=tiny(dtype="bfloat16",
+                                                             attention="cudnn"))

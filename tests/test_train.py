@@ -23,7 +23,7 @@ from mae_jax.data import pipeline, transforms
 from mae_jax.tasks.pretrain import PretrainTask, model_config_from
 from mae_jax.trainer import (abstract_state, create_state, make_train_step,
                              plan_and_optimizer, train_and_evaluate)
-from mae_jax.trainer.setup import run_signature
+from mae_jax.trainer.setup import model_diff, run_signature
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny model on 32x32 crops of the demo photos: a step takes well under a second.
@@ -337,6 +337,25 @@ def test_bad_batch_is_an_error_before_any_write(tmp_path, demo_dir):
   with pytest.raises(ValueError, match="not divisible by the 8 devices"):
     train_and_evaluate(config_with(demo_dir, batch_size=12), workdir)
   assert not os.path.exists(workdir)
+
+
+def test_cudnn_attention_off_a_gpu_is_an_error_before_any_write(tmp_path, demo_dir):
+  workdir = str(tmp_path / "run")
+  config = config_with(demo_dir, **{"model.attention": "cudnn", "model.dtype": "bfloat16"})
+  with pytest.raises(ValueError, match="'cudnn' needs a GPU, but JAX's backend is 'cpu'"):
+    train_and_evaluate(config, workdir)
+  assert not os.path.exists(workdir)
+
+
+def test_checkpoints_resume_with_another_attention_kernel(demo_dir):
+  """The kernel, like the compute dtype, is not part of the model a checkpoint must match:
+  the weights are the same. Checkpoints from before the option have no such field."""
+  task = PretrainTask(config_with(demo_dir))
+  saved = json.loads(json.dumps(task.model_dict()))
+  assert saved["attention"] == "auto"
+  before = {k: v for k, v in saved.items() if k != "attention"}
+  assert model_diff(task, {**saved, "attention": "xla"}) == {} == model_diff(task, before)
+  assert model_diff(task, {**saved, "width": 128}) == {"width": (128, 64)}
 
 
 def test_resuming_another_model_or_run_is_refused(tmp_path, demo_dir):

@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 from mae_jax import checkpointing, classifier, classifier_format, mixup, optim
+from mae_jax.config import COMPUTE_FIELDS
 from mae_jax.data import sources
 from mae_jax.mae import Params
 from mae_jax.posemb import sincos_2d
@@ -104,7 +105,7 @@ class FinetuneTask(Task):
     from mae_jax.convert import load_pretrained  # the file readers, only when asked for
     params, config = load_pretrained(path)
     diff = {k: (v, getattr(self.encoder, k)) for k, v in config.encoder.to_dict().items()
-            if k not in ("dtype", "image_size") and getattr(self.encoder, k) != v}
+            if k not in (*COMPUTE_FIELDS, "image_size") and getattr(self.encoder, k) != v}
     if diff:
       raise ValueError(f"init_from {path} holds another encoder than config.model; "
                        f"(checkpoint, config): {diff}")

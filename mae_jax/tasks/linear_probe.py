@@ -17,7 +17,7 @@ import ml_collections
 import optax
 
 from mae_jax import optim
-from mae_jax.config import ENCODER_FIELDS, ViTConfig
+from mae_jax.config import COMPUTE_FIELDS, ENCODER_FIELDS, ViTConfig
 from mae_jax.data import sources
 from mae_jax.mae import POOLS, Params, features, init_encoder_params
 from mae_jax.tasks.base import Aux, Batch, ModelState, Task
@@ -77,8 +77,8 @@ class LinearProbeTask(Task):
                             "batch_stats": batch_stats}
 
   def load_init(self, path: str) -> Params | None:
-    """The pretrained encoder's params, checked against `config.model` (the activation dtype
-    and the image size may differ: the position embeddings are fixed sin-cos)."""
+    """The pretrained encoder's params, checked against `config.model` (COMPUTE_FIELDS and
+    the image size may differ: the position embeddings are fixed sin-cos)."""
     if path == RANDOM:
       logging.getLogger(__name__).warning("linear probe of a RANDOMLY initialised encoder "
                                           "(init_from=%r): a baseline", RANDOM)
@@ -87,7 +87,7 @@ class LinearProbeTask(Task):
     params, loaded = load_pretrained(path)
     loaded = loaded.encoder.to_dict()
     diff = {k: (v, getattr(self.encoder, k)) for k, v in loaded.items()
-            if k not in ("dtype", "image_size") and getattr(self.encoder, k) != v}
+            if k not in (*COMPUTE_FIELDS, "image_size") and getattr(self.encoder, k) != v}
     if diff:
       raise ValueError(f"init_from {path} holds another encoder than config.model; "
                        f"(checkpoint, config): {diff}")

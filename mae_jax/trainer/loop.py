@@ -23,7 +23,7 @@ import time
 import jax
 import ml_collections
 
-from mae_jax import checkpointing, evals, metrics as metrics_lib, sharding, storage, tasks
+from mae_jax import checkpointing, evals, metrics as metrics_lib, models, sharding, storage, tasks
 from mae_jax.data import pipeline
 from mae_jax.trainer.setup import (Plan, check_resumable, checkpoint_config,
                                    plan_and_optimizer, run_signature)
@@ -86,6 +86,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   """Trains (or resumes) the configured task; returns the final train state."""
   # --- Checks: nothing compiled or written before these pass. ---
   task = tasks.make_task(config)
+  model = task.model_dict()
+  models.attention_implementation(model["attention"], model["dtype"], jax.default_backend())
   check_batch(config.batch_size, jax.device_count(), config.grad_accum_steps)
   storage.check(workdir, "workdir")
   if storage.path(workdir).is_file():

@@ -10,6 +10,7 @@ import ml_collections
 import optax
 
 from mae_jax import optim
+from mae_jax.config import COMPUTE_FIELDS
 from mae_jax.tasks.base import Task
 
 
@@ -81,10 +82,10 @@ def checkpoint_config(task: Task, run: dict[str, Any],
 
 def model_diff(task: Task, saved_model: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
   """{field: (saved, config)} where a checkpoint's saved model differs from the task's (the
-  compute dtype may differ: the weights are float32 either way)."""
+  COMPUTE_FIELDS, dtype and attention kernel, may differ: the weights are the same)."""
   model = json.loads(json.dumps(task.model_dict()))
   return {k: (v, model.get(k)) for k, v in saved_model.items()
-          if model.get(k) != v and k != "dtype"}
+          if model.get(k) != v and k not in COMPUTE_FIELDS}
 
 
 def check_resumable(workdir: str, saved: dict[str, Any], task: Task, run: dict[str, Any],
