@@ -52,15 +52,18 @@ class Report:
   def total_bytes(self) -> int | None:
     """Everything live during the step: inputs, outputs not donated into inputs,
     temporaries (activations, gradients, collectives' buffers) and the program itself."""
-    m = self.memory
-    if m is None:
-      return None
-    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes +
-            m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+    return None if self.memory is None else live_bytes(self.memory)
 
   @property
   def fits(self) -> bool:
     return self.memory is not None and self.total_bytes <= self.hbm_bytes
+
+
+def live_bytes(m: Any) -> int:
+  """Device bytes a compiled program needs, from its `memory_analysis()`: inputs, outputs
+  not donated into inputs, temporaries and the program itself."""
+  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes +
+          m.temp_size_in_bytes + m.generated_code_size_in_bytes)
 
 
 def shard_bytes(tree: Any, shardings: Any) -> int:
