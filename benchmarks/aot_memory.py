@@ -12,6 +12,8 @@ import argparse
 import datetime
 import logging
 
+import jax
+
 from configs import base
 from mae_jax import aot
 from mae_jax.topology import GiB, parse_slice
@@ -49,6 +51,8 @@ def main() -> None:
   parser.add_argument("--max_batch_start", type=int, default=128)
   parser.add_argument("--batch_resolution", type=int, default=16)
   args = parser.parse_args()
+  # As `python -m mae_jax.aot`: this machine's accelerators are not used (nor traced for).
+  jax.config.update("jax_platforms", "cpu")
   logging.basicConfig(level=logging.WARNING)
   logging.getLogger("mae_jax").setLevel(logging.INFO)
   print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", flush=True)

@@ -9,7 +9,7 @@ and decoder, forward and gradients): relative error. Then for each variant (the 
 decoder, mask 0.75, norm_pix_loss, bfloat16 matmuls), the trainer's own step
 (`make_train_step` with the recipe's AdamW, built by mae_step.build) is timed with the
 model's `attention` set to each of --attention, rows round-robin, median of --repeats.
-'auto', the default, is 'cudnn' on a GPU in bfloat16. MFU is model FLOPs per second
+'auto', the default, is 'cudnn' on NVIDIA GPUs from Ampere on in bfloat16. MFU is model FLOPs per second
 (metrics.train_flops_per_image) over the rate of a large bfloat16 matmul timed in the same
 run (and over the chip's spec peak when known).
 
@@ -17,8 +17,8 @@ Largest batch, with the default attention: the step compiled once at 4x the time
 (XLA's autotuning off: it changes kernels, not buffers) gives its device memory; the train
 state and the program do not grow with the batch, the rest grows linearly, and the batch
 where that reaches the allocator's limit is printed (--confirm compiles and runs it: a
-full-size compile takes about a minute on an H200). --smoke: a tiny model on whatever
-device there is, a few seconds.
+full-size compile takes about a minute on an H200). --smoke: tiny models on whatever
+device there is, about a minute.
 """
 from __future__ import annotations
 
@@ -106,7 +106,9 @@ def largest_batch(config: ModelConfig, batch: int, limit: int, multiple: int,
   line = (f"{fixed / GiB:.2f} GiB + {per_image / 2**20:.1f} MiB per image (compiled at "
           f"{batch}): largest batch {predicted}")
   del compiled, state
-  if confirm:
+  if predicted < multiple:
+    line += f" (under {multiple}: none fits)"
+  elif confirm:
     gc.collect()
     try:
       compiled, state, images = compile_step(config, predicted)
@@ -210,8 +212,10 @@ def main() -> None:
         + ("" if "bytes_limit" in stats else " (no allocator limit known: 1 GiB pretended)")
         + ":", flush=True)
   for variant, batch in zip(variants, batches):
-    line = largest_batch(configs[variant], 4 * batch, limit, 8, args.confirm)
-    print(f"  {variant}, attention {configs[variant].attention}: {line}", flush=True)
+    config = configs[variant]
+    kernel = models.attention_implementation(config.attention, config.dtype, device)
+    line = largest_batch(config, 4 * batch, limit, 8, args.confirm)
+    print(f"  {variant}, attention {config.attention} ({kernel}): {line}", flush=True)
 
 
 if __name__ == "__main__":

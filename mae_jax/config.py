@@ -20,8 +20,8 @@ VARIANTS: dict[str, dict[str, int]] = {
 }
 
 DTYPES = ("float32", "bfloat16")
-# Attention kernels: 'auto' is cuDNN's fused kernel on GPUs in bfloat16 and XLA's elsewhere
-# (models.attention_implementation); 'cudnn' needs a GPU and bfloat16.
+# Attention kernels: 'auto' is cuDNN's fused kernel on NVIDIA GPUs (Ampere on) in bfloat16
+# and XLA's elsewhere (models.attention_implementation); 'cudnn' needs a GPU and bfloat16.
 ATTENTIONS = ("auto", "xla", "cudnn")
 # Fields that choose how the model computes, not what it is: a checkpoint's may differ from
 # the config's (resuming, init_from), since the float32 weights are the same either way.

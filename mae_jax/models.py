@@ -35,19 +35,35 @@ def gelu(x: jax.Array) -> jax.Array:
   return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * np.float32(np.sqrt(0.5))))).astype(x.dtype)
 
 
-def attention_implementation(attention: str, dtype: jnp.dtype, backend: str) -> str:
-  """The kernel a config's `attention` setting ('auto', 'xla', 'cudnn') means for
-  activations of `dtype` on `backend` (jax.default_backend()): 'xla' or 'cudnn'.
+def attention_device() -> jax.Device:
+  """The device attention is traced for: the default backend's first."""
+  return jax.devices()[0]
 
-  'auto' is cuDNN's fused kernel on GPUs in bfloat16 (1.31x the ViT-B/16 train step of XLA's
-  attention on an H200, BENCHMARKS.md) and XLA's everywhere else. 'cudnn' elsewhere is a
+
+def _cuda_capability(device: jax.Device) -> tuple[int, ...] | None:
+  """(major, minor) of an NVIDIA GPU, None for any other device (ROCm names a gfx target)."""
+  try:
+    return tuple(int(x) for x in str(device.compute_capability).split("."))
+  except (AttributeError, ValueError):
+    return None
+
+
+def attention_implementation(attention: str, dtype: jnp.dtype, device: jax.Device) -> str:
+  """The kernel a config's `attention` setting ('auto', 'xla', 'cudnn') means for
+  activations of `dtype` on `device`: 'xla' or 'cudnn'.
+
+  'auto' is cuDNN's fused kernel on NVIDIA GPUs from Ampere on (compute capability 8.0, the
+  oldest JAX's cuDNN attention supports) in bfloat16 (1.31x the ViT-B/16 train step of XLA's
+  attention on an H200, BENCHMARKS.md), and XLA's everywhere else. 'cudnn' off a GPU is a
   ValueError naming the setting, raised before anything compiles.
   """
-  if attention == "cudnn" and backend != "gpu":
-    raise ValueError(f"model attention 'cudnn' needs a GPU, but JAX's backend is {backend!r}: "
-                     "use attention 'auto' or 'xla'")
+  if attention == "cudnn" and device.platform != "gpu":
+    raise ValueError(f"model attention 'cudnn' needs a GPU, but JAX's device is "
+                     f"{device.platform!r}: use attention 'auto' or 'xla'")
   if attention == "auto":
-    return "cudnn" if backend == "gpu" and jnp.dtype(dtype) == jnp.bfloat16 else "xla"
+    capability = _cuda_capability(device) if device.platform == "gpu" else None
+    fused = capability is not None and capability >= (8, 0)
+    return "cudnn" if fused and jnp.dtype(dtype) == jnp.bfloat16 else "xla"
   return attention
 
 
@@ -76,9 +92,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, attention: str = "auto") ->
   `attention` is the config's setting (`attention_implementation`). XLA's form is
   jax.nn.dot_product_attention's; benchmarks/gpu.py times cuDNN's against it, and
   benchmarks/mae_step.py --levers other layouts on the CPU. With 'auto', a shape cuDNN
-  refuses while tracing (e.g. a head dim over 256) falls back to XLA's form.
+  refuses while tracing (e.g. too large a head dim) falls back to XLA's form.
   """
-  implementation = attention_implementation(attention, q.dtype, jax.default_backend())
+  implementation = attention_implementation(attention, q.dtype, attention_device())
   if implementation == "xla":
     return jax.nn.dot_product_attention(q, k, v, implementation="xla")
   try:
@@ -99,9 +115,12 @@ class Attention(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, n, d = x.shape
     h = self.num_heads
+    # Initialising (and so every params-shape computation) takes XLA's kernel: the weights
+    # are the same, and a config saved with 'cudnn' still loads where there is no GPU.
+    attention = "xla" if self.is_initializing() else self.attention
     qkv = nn.Dense(3 * d, kernel_init=xavier, dtype=self.dtype, name="qkv")(x)  # [B, N, 3D]
     q, k, v = jnp.split(qkv.reshape(b, n, 3, h, d // h), 3, axis=2)  # 3 x [B, N, 1, H, Dh]
-    out = attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.attention)  # [B, N, H, Dh]
+    out = attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], attention)  # [B, N, H, Dh]
     return nn.Dense(d, kernel_init=xavier, dtype=self.dtype, name="proj")(out.reshape(b, n, d))
 
 

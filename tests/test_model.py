@@ -1,5 +1,6 @@
 """Patchify, masking, position embeddings, loss, configs and the forward pass."""
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,8 @@ import pytest
 
 from mae_jax import init_params, mae_apply, model_config, patchify, random_masking, unpatchify
 from mae_jax.losses import masked_mse, normalize_patches
-from mae_jax.mae import encode
+from mae_jax import models
+from mae_jax.mae import encode, param_shapes
 from mae_jax.models import Encoder, attend_even, attention_implementation, gelu
 from mae_jax.posemb import sincos_2d
 
@@ -318,14 +320,18 @@ def test_mae_apply_is_jitted_and_composes():
   assert hasattr(mae_apply, "lower")
 
 
-def test_attention_setting_picks_cudnn_only_on_gpus_in_bfloat16():
+def test_attention_setting_picks_cudnn_only_on_nvidia_gpus_from_ampere_in_bfloat16():
   pick = attention_implementation
-  assert pick("auto", jnp.bfloat16, "gpu") == "cudnn"
-  assert [pick("auto", jnp.float32, "gpu"), pick("auto", jnp.bfloat16, "cpu"),
-          pick("auto", jnp.bfloat16, "tpu"), pick("xla", jnp.bfloat16, "gpu")] == ["xla"] * 4
-  assert pick("cudnn", jnp.bfloat16, "gpu") == "cudnn"
-  with pytest.raises(ValueError, match="'cudnn' needs a GPU, but JAX's backend is 'tpu'"):
-    pick("cudnn", jnp.bfloat16, "tpu")
+  gpu = lambda capability: types.SimpleNamespace(platform="gpu", compute_capability=capability)
+  cpu, tpu = types.SimpleNamespace(platform="cpu"), types.SimpleNamespace(platform="tpu")
+  assert pick("auto", jnp.bfloat16, gpu("9.0")) == "cudnn" == pick("auto", jnp.bfloat16,
+                                                                    gpu("8.0"))
+  assert [pick("auto", jnp.float32, gpu("9.0")), pick("auto", jnp.bfloat16, gpu("7.5")),
+          pick("auto", jnp.bfloat16, gpu("gfx90a")), pick("auto", jnp.bfloat16, cpu),
+          pick("auto", jnp.bfloat16, tpu), pick("xla", jnp.bfloat16, gpu("9.0"))] == ["xla"] * 6
+  assert pick("cudnn", jnp.bfloat16, gpu("7.5")) == "cudnn"  # forced: cuDNN decides
+  with pytest.raises(ValueError, match="'cudnn' needs a GPU, but JAX's device is 'tpu'"):
+    pick("cudnn", jnp.bfloat16, tpu)
 
 
 @pytest.mark.parametrize("n", [49, 50, 197])
@@ -345,16 +351,31 @@ def test_odd_lengths_padded_for_cudnn_attend_as_unpadded(n):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="needs a machine without cuDNN")
 def test_auto_attention_falls_back_to_xla_where_cudnn_refuses(monkeypatch):
   """On a GPU, 'auto' takes XLA's kernel where cuDNN refuses to trace (here: no cuDNN at
-  all, with the backend made to read 'gpu'); an explicit 'cudnn' raises instead."""
+  all, with the device made to read as an H200's); an explicit 'cudnn' raises instead."""
   cfg = tiny(dtype="bfloat16", attention="xla")
   params = init_params(cfg, jax.random.key(0))
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   want = mae_apply(params, images, jax.random.key(2), config=cfg)
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(models, "attention_device",
+                      lambda: types.SimpleNamespace(platform="gpu", compute_capability="9.0"))
   got = mae_apply(params, images, jax.random.key(2), config=tiny(dtype="bfloat16"))
   np.testing.assert_array_equal(got.pred, want.pred)
   with pytest.raises(RuntimeError, match="cuDNN"):
     mae_apply(params, images, jax.random.key(2), config=tiny(dtype="bfloat16",
                                                              attention="cudnn"))
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="needs a machine without a GPU")
+def test_a_cudnn_config_initialises_and_loads_without_a_gpu():
+  """Initialising (and so the params shapes every loader restores against) does not use the
+  kernel: a 'cudnn' config gives the same params here; applying it names the problem."""
+  cfg = tiny(dtype="bfloat16", attention="cudnn")
+  params = init_params(cfg, jax.random.key(0))
+  same = init_params(tiny(dtype="bfloat16"), jax.random.key(0))
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, same))
+  assert param_shapes(cfg) == param_shapes(tiny(dtype="bfloat16"))
+  with pytest.raises(ValueError, match="'cudnn' needs a GPU"):
+    mae_apply(params, jnp.zeros((2, 32, 32, 3)), jax.random.key(2), config=cfg)

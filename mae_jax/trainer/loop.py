@@ -87,7 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   # --- Checks: nothing compiled or written before these pass. ---
   task = tasks.make_task(config)
   model = task.model_dict()
-  models.attention_implementation(model["attention"], model["dtype"], jax.default_backend())
+  models.attention_implementation(model["attention"], model["dtype"], jax.devices()[0])
   check_batch(config.batch_size, jax.device_count(), config.grad_accum_steps)
   storage.check(workdir, "workdir")
   if storage.path(workdir).is_file():

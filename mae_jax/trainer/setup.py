@@ -92,8 +92,8 @@ def check_resumable(workdir: str, saved: dict[str, Any], task: Task, run: dict[s
                     plan: Plan) -> None:
   """Refuses to resume a checkpoint of another task, model or run, naming the fields.
 
-  The activation dtype may change (the parameters are float32 either way). Checkpoints
-  written before tasks existed are pretraining checkpoints.
+  The activation dtype and the attention kernel may change (the parameters are the same
+  either way). Checkpoints written before tasks existed are pretraining checkpoints.
   """
   saved_task = saved.get("task", "pretrain")
   if saved_task != task.name:
