@@ -11,6 +11,8 @@ constants, not parameters. Masking and rngs stay outside the modules.
 """
 from __future__ import annotations
 
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -99,9 +101,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, attention: str = "auto") ->
     return jax.nn.dot_product_attention(q, k, v, implementation="xla")
   try:
     return attend_even(q, k, v, "cudnn")
-  except (NotImplementedError, RuntimeError):
+  except (NotImplementedError, RuntimeError) as e:
     if attention != "auto":
       raise
+    logging.getLogger(__name__).warning("cuDNN refuses attention of shape %s (%s): XLA's "
+                                        "kernel computes it", q.shape, e)
     return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
 

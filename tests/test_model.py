@@ -352,7 +352,7 @@ def test_odd_lengths_padded_for_cudnn_attend_as_unpadded(n):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="needs a machine without cuDNN")
-def test_auto_attention_falls_back_to_xla_where_cudnn_refuses(monkeypatch):
+def test_auto_attention_falls_back_to_xla_where_cudnn_refuses(monkeypatch, caplog):
   """On a GPU, 'auto' takes XLA's kernel where cuDNN refuses to trace (here: no cuDNN at
   all, with the device made to read as an H200's); an explicit 'cudnn' raises instead."""
   cfg = tiny(dtype="bfloat16", attention="xla")
@@ -361,8 +361,10 @@ def test_auto_attention_falls_back_to_xla_where_cudnn_refuses(monkeypatch):
   want = mae_apply(params, images, jax.random.key(2), config=cfg)
   monkeypatch.setattr(models, "attention_device",
                       lambda: types.SimpleNamespace(platform="gpu", compute_capability="9.0"))
-  got = mae_apply(params, images, jax.random.key(2), config=tiny(dtype="bfloat16"))
+  with caplog.at_level("WARNING", logger="mae_jax.models"):
+    got = mae_apply(params, images, jax.random.key(2), config=tiny(dtype="bfloat16"))
   np.testing.assert_array_equal(got.pred, want.pred)
+  assert "cuDNN refuses attention of shape (2, 5, 4, 16)" in caplog.text
   with pytest.raises(RuntimeError, match="cuDNN"):
     mae_apply(params, images, jax.random.key(2), config=tiny(dtype="bfloat16",
                                                              attention="cudnn"))
