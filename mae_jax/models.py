@@ -72,9 +72,9 @@ def attention_implementation(attention: str, dtype: jnp.dtype, device: jax.Devic
 def attend_even(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
   """`jax.nn.dot_product_attention` with an odd sequence length padded by one masked token.
 
-  [B, N, H, Dh] each -> [B, N, H, Dh]. JAX 0.11 and 0.12 refuse cuDNN's training kernel at
-  odd lengths (the check counts the placeholder it passes for "no bias" as a bias), and MAE's
-  decoder sees 1 + 196 tokens. The true lengths go in as query and key/value sequence
+  [B, N, H, Dh] each -> [B, N, H, Dh]. JAX (0.10.2 to 0.12.0.1 at least) refuses cuDNN's
+  training kernel at odd lengths (the check counts the placeholder it passes for "no bias" as
+  a bias), and MAE's decoder sees 1 + 196 tokens. The true lengths go in as query and key/value sequence
   lengths, so the pad takes part in no softmax, and its output row is dropped.
   """
   n = q.shape[1]
