@@ -3,18 +3,21 @@
 Two layouts, both readable by `load_params` (and so by `mae_jax.load_pretrained`):
   * a params checkpoint (written by `save_params`, e.g. by `python -m mae_jax.convert`):
       DIR/params  (the {'encoder', 'decoder'} pytree)   DIR/config  (JSON: model config)
-  * a training workdir: WORKDIR/checkpoints/<step>/{state, data, config}, written by
-    `CheckpointManager` during pretraining; `state` holds step, params and optimizer state.
+  * a training workdir: WORKDIR/checkpoints/<step>/{state, config}, written by
+    `CheckpointManager` during training; `state` holds step, params and optimizer state
+    (and the model state of tasks that have one). The data position is the step itself
+    (one global batch per step, `pipeline.make_train_loader`); checkpoints written before
+    that also hold a `data` item (grain's iterator state), which is not read.
 Restores go against an abstract target built from the saved model config, so arrays come
 back with their saved shapes and dtypes, and optimizer states keep their structure.
 """
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from etils import epath
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -140,11 +143,11 @@ def read_saved_run(workdir: str) -> dict[str, Any] | None:
 
 
 class TrainCheckpointer:
-  """Orbax CheckpointManager for pretraining: train state, data iterator and config.
+  """Orbax CheckpointManager for training: train state and config.
 
   Saves asynchronously when asked (the loop decides when) and keeps the newest `keep`.
   Restores against an abstract state carrying the target shardings, so a resumed run gets
-  arrays laid out as before and optimizer states with their own structure.
+  arrays laid out as the current mesh wants them, whatever layout wrote them.
   """
 
   def __init__(self, workdir: str, *, keep: int):
@@ -154,24 +157,26 @@ class TrainCheckpointer:
             max_to_keep=keep,
             enable_async_checkpointing=True, create=True),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler(),
                        "config": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def restore(self, abstract_state, data_iterator) -> Any:
-    """Restores the newest step into `data_iterator` (in place) and returns the state."""
-    restored = self.manager.restore(self.manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+  def restore(self, abstract_state) -> Any:
+    """The newest step's train state, laid out as `abstract_state`'s shardings say."""
+    step = self.manager.latest_step()
+    if (self.manager.directory / str(step) / "data").exists():
+      logging.getLogger(__name__).warning(
+          "step %d was saved before the data order became a function of the global "
+          "position: the run continues with global batch %d of the new order (the same "
+          "recipe; other records than the old order would have given)", step, step)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"]
 
-  def save(self, step: int, state, data_iterator, config: dict[str, Any],
-           force: bool = False) -> bool:
+  def save(self, step: int, state, config: dict[str, Any], force: bool = False) -> bool:
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
         config=ocp.args.JsonSave(config)), force=force)
 
   def close(self) -> None:

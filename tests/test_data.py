@@ -1,6 +1,5 @@
 """Input pipeline: sources, decoding, augmentation, sharding, resume, demo data, global arrays."""
 import io
-import json
 import os
 import threading
 
@@ -105,15 +104,21 @@ def test_folder_decodes_every_mode_to_rgb_and_skips_the_corrupt_file(odd_folder)
 
 
 def test_loader_over_bad_folder_reports_exactly_one_skip(odd_folder):
-  loader = pipeline.make_train_loader(_config(dataset="folder", data_dir=str(odd_folder)),
-                                      image_size=32, global_batch_size=6, seed=3)
-  it = iter(loader)
-  batch = next(it)  # The six decodable images of the first epoch.
-  assert batch["image"].shape == (6, 32, 32, 3) and batch["image"].dtype == np.float32
-  assert batch["skipped"].sum() == 1
-  # Every record read for the batch is either in it or counted as skipped.
-  consumed = json.loads(it.get_state())["last_seen_indices"]["0"] + 1
-  assert consumed == 6 + batch["skipped"].sum()
+  config = _config(dataset="folder", data_dir=str(odd_folder), hflip=False)
+  loader = pipeline.make_train_loader(config, image_size=32, global_batch_size=7, seed=3)
+  batch = next(iter(loader))  # Global positions 0-6: the first epoch, each record once.
+  assert batch["image"].shape == (7, 32, 32, 3) and batch["image"].dtype == np.float32
+  source = sources.folder_source(str(odd_folder))
+  corrupt = source.paths.index("odd/corrupt.jpg")
+  records = [pipeline.record_at(g, 7, 3) for g in range(7)]
+  assert sorted(records) == list(range(7))
+  # The corrupt record's position holds the next record of the source, counted as a skip.
+  assert batch["skipped"].tolist() == [int(r == corrupt) for r in records]
+  at = records.index(corrupt)
+  crop = transforms.RandomResizedCrop(32, (0.2, 1.0), (3 / 4, 4 / 3))
+  replacement = transforms.DecodeImage().map(source[(corrupt + 1) % 7])
+  want = crop.random_map(replacement, pipeline.example_rng(3, at))["image"]
+  np.testing.assert_allclose(_pixels(batch["image"][at]), want, atol=1e-3)
 
 
 def test_decode_arrays_and_rejects_truncated_bytes():
@@ -262,11 +267,12 @@ def test_uint8_batches_are_the_reference_pixels_and_normalise_on_the_device(tmp_
   config = _config(**base, normalize_on_device=True)
   pixels = next(iter(pipeline.make_train_loader(config, **kwargs)))["image"]
   assert pixels.dtype == np.uint8 and pixels.shape == (6, 32, 32, 3)
-  # Record k of the first epoch, augmented the plain way (an array, cropped, resized, flipped)
-  # with the rng grain gives it.
+  # Position k holds record shuffle_4(k) of the first epoch, augmented the plain way (an
+  # array, cropped, resized, flipped) with the rng of (seed 4, position k): Philox keyed by
+  # seed * 2**64 + position.
   source = sources.folder_source(str(tmp_path))
   for k in range(6):
-    rng = np.random.Generator(np.random.Philox(key=4 + k))
+    rng = np.random.Generator(np.random.Philox(key=4 * 2**64 + k))
     image = transforms.decode_rgb(source[index_shuffle(k, max_index=5, seed=4, rounds=4)]["image"])
     top, left, h, w = transforms.random_resized_crop_box(90, 120, rng)
     want = np.asarray(Image.fromarray(image[top:top + h, left:left + w]).resize((32, 32),
@@ -314,24 +320,27 @@ def test_resize_center_crop_keeps_the_middle():
 # ---------------------------------------------------------------- loader: sharding and resume
 
 
-def test_hosts_read_disjoint_shards(tmp_path):
+def test_hosts_read_disjoint_parts_of_the_same_global_batches(tmp_path):
   for i in range(16):  # Constant images: the value identifies the record.
     d = tmp_path / "train" / f"c{i % 4}"
     d.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (24 + i, 20), (10 * (i + 1),) * 3).save(d / f"{i}.png")
   config = _config(dataset="folder", data_dir=str(tmp_path))
-  seen = []
-  for process_index in range(2):
-    loader = pipeline.make_train_loader(config, image_size=16, global_batch_size=8, seed=0,
-                                        process_index=process_index, process_count=2)
-    it = iter(loader)
-    batches = [next(it)["image"] for _ in range(2)]  # One epoch of this host's 8 records.
-    assert batches[0].shape == (4, 16, 16, 3)
-    values = np.round(_pixels(np.concatenate(batches))[:, 8, 8, 0] / 10)
-    seen.append(set(values.astype(int)))
-    assert len(seen[-1]) == 8
-  assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == set(range(1, 17))
+
+  def batches(process_index, process_count):
+    it = iter(pipeline.make_train_loader(config, image_size=16, global_batch_size=8, seed=0,
+                                         process_index=process_index,
+                                         process_count=process_count))
+    return [next(it)["image"] for _ in range(3)]
+
+  one = batches(0, 1)
+  for hosts in (2, 4):
+    parts = [batches(p, hosts) for p in range(hosts)]
+    assert parts[0][0].shape == (8 // hosts, 16, 16, 3)
+    for k in range(3):  # host p holds rows p*B/P ... of global batch k, whatever P is
+      assert np.concatenate([part[k] for part in parts]).tobytes() == one[k].tobytes()
+  values = np.round(_pixels(np.concatenate(one[:2]))[:, 8, 8, 0] / 10).astype(int)
+  assert sorted(values) == list(range(1, 17))  # the first epoch: every record once
 
 
 def test_global_batch_must_divide_by_process_count(odd_folder):
@@ -341,15 +350,13 @@ def test_global_batch_must_divide_by_process_count(odd_folder):
                                process_index=0, process_count=4)
 
 
-def test_resumed_iterator_sees_the_same_batches(noise_folder):
+def test_a_loader_started_at_batch_k_continues_the_sequence(noise_folder):
   config = _config(dataset="folder", data_dir=str(noise_folder))
   kwargs = dict(image_size=16, global_batch_size=5, seed=7)
   it = iter(pipeline.make_train_loader(config, **kwargs))
   first = [next(it) for _ in range(3)]
-  state = it.get_state()
   expected = [next(it) for _ in range(2)]
-  resumed = iter(pipeline.make_train_loader(config, **kwargs))
-  resumed.set_state(state)
+  resumed = iter(pipeline.make_train_loader(config, start_batch=3, **kwargs))
   for want, got in zip(expected, [next(resumed) for _ in range(2)]):
     for key in ("image", "skipped"):
       assert want[key].tobytes() == got[key].tobytes()
@@ -360,27 +367,27 @@ def test_resumed_iterator_sees_the_same_batches(noise_folder):
   assert not np.array_equal(other_seed["image"], first[0]["image"])
 
 
-def test_worker_processes_produce_the_same_records(noise_folder):
-  def first_records(worker_count):
+def test_worker_processes_produce_the_same_batches(noise_folder):
+  def first_batches(worker_count):
     config = _config(dataset="folder", data_dir=str(noise_folder), worker_count=worker_count)
     it = iter(pipeline.make_train_loader(config, image_size=16, global_batch_size=4, seed=1))
-    return sorted(x.tobytes() for _ in range(2) for x in next(it)["image"])
+    return [next(it)["image"].tobytes() for _ in range(3)]
 
-  # Workers interleave records differently, but each record's augmentation depends only on
-  # the seed and its position, so the first two batches hold the same eight images.
-  assert first_records(2) == first_records(0)
+  # Each worker builds whole batches (batch k from positions 4k ... 4k + 3 alone), so the
+  # batches are the same, in the same order, for any worker count.
+  assert first_batches(2) == first_batches(0)
 
 
 def test_read_threads_and_buffer_change_how_records_are_read_not_which(noise_folder):
-  """grain's read-ahead (threads, buffer) is a speed setting: the batches are the same; in-memory
-  sources read without threads, files with 16, unless the config says otherwise."""
+  """Read threads (and the evaluation loader's read-ahead) are speed settings: the batches
+  are the same; in-memory sources read without threads, files with 16, unless the config
+  says otherwise."""
   def batches(**fields):
     config = _config(dataset="folder", data_dir=str(noise_folder), **fields)
     it = iter(pipeline.make_train_loader(config, image_size=16, global_batch_size=4, seed=1))
     return [next(it)["image"].tobytes() for _ in range(4)]
 
-  assert batches(read_threads=0, read_buffer=0) == batches() == batches(read_threads=3,
-                                                                         read_buffer=500)
+  assert batches(read_threads=0) == batches() == batches(read_threads=3)
   folder = _config(dataset="folder", data_dir=str(noise_folder))
   assert pipeline.read_options(folder, sources.folder_source(str(noise_folder))) == (
       pipeline.grain.ReadOptions(num_threads=16, prefetch_buffer_size=64))
@@ -450,15 +457,15 @@ def test_tfds_dataset_is_read_without_tensorflow(tmp_path):
   MaeJaxTestImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
   config = _config(dataset="mae_jax_test_images", data_dir=str(tmp_path))
   it = iter(pipeline.make_train_loader(config, image_size=16, global_batch_size=5, seed=0))
-  batches = [next(it) for _ in range(3)]  # 15 decodable records: three epochs.
+  batches = [next(it) for _ in range(3)]  # positions 0-14 of 6 records: 2.5 epochs
   assert batches[0]["image"].shape == (5, 16, 16, 3)
-  # One record is corrupt: one skip in each of epochs 0 and 1, and one in epoch 2 unless
-  # grain's shuffle of that epoch (seed 0 + 2) puts it last, after the 15th good record.
+  # One record is corrupt: one skip in each of epochs 0 and 1, and one in epoch 2 if its
+  # shuffle (grain's index_shuffle, seed 0 + 2) puts it among that epoch's first three.
   source = sources.tfds_source("mae_jax_test_images", "train", str(tmp_path))
   decode = transforms.DecodeImage()
   [corrupt] = [i for i in range(6) if decode.map(source[i])["image"] is None]
   epoch_2 = [index_shuffle(i, max_index=5, seed=2, rounds=4) for i in range(6)]
-  assert sum(b["skipped"].sum() for b in batches) == 2 + (epoch_2.index(corrupt) < 5)
+  assert sum(b["skipped"].sum() for b in batches) == 2 + (epoch_2.index(corrupt) < 3)
   evals = pipeline.make_eval_batch(config, image_size=16, num_images=2)
   assert evals.shape == (2, 16, 16, 3)
 

@@ -23,7 +23,7 @@ from mae_jax.data import pipeline, transforms
 from mae_jax.tasks.pretrain import PretrainTask, model_config_from
 from mae_jax.trainer import (abstract_state, create_state, make_train_step,
                              plan_and_optimizer, train_and_evaluate)
-from mae_jax.trainer.setup import model_diff, run_signature
+from mae_jax.trainer.setup import config_diff, is_free, model_diff
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny model on 32x32 crops of the demo photos: a step takes well under a second.
@@ -369,37 +369,48 @@ def test_resuming_another_model_or_run_is_refused(tmp_path, demo_dir):
     train_and_evaluate(config_with(demo_dir, batch_size=32), workdir)
   with pytest.raises(ValueError, match=r"other settings.*'total_steps': \(200, 300\)"):
     train_and_evaluate(config_with(demo_dir, total_steps=300), workdir)
-  with pytest.raises(ValueError, match=r"other settings.*'draft_decode'"):  # other pixels
+  with pytest.raises(ValueError, match=r"other settings.*'input.draft_decode'"):  # other pixels
     train_and_evaluate(config_with(demo_dir, **{"input.draft_decode": True}), workdir)
+  with pytest.raises(ValueError, match=r"other settings.*'weight_decay': \(0.05, 0.1\)"):
+    train_and_evaluate(config_with(demo_dir, weight_decay=0.1), workdir)
   assert sorted(os.listdir(workdir)) == files
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
 
 
-def test_draft_decode_off_signs_a_run_as_before_the_option(demo_dir):
-  """Checkpoints written before `input.draft_decode` existed resume with it off."""
+def saved_config(config):
+  return json.loads(config.to_json_best_effort())
+
+
+def test_every_config_field_must_match_except_the_free_ones(demo_dir):
+  """The resume check compares every field, so a field no list names (here a made-up new
+  hyperparameter) is covered; the free fields (data location, workers, compute dtype and
+  attention kernel, layout, logging, evaluation, stop) may change."""
+  config = set_fields(config_with(demo_dir), new_hparam=1)
+  saved = saved_config(config)
+  assert config_diff(saved, config) == {}
+  changed = {"new_hparam": 2, "weight_decay": 0.1, "seed": 3, "input.crop_scale": (0.5, 1.0),
+             "input.draft_decode": True, "init_from": "/elsewhere"}
+  diff = config_diff(saved, set_fields(config, **changed))
+  assert sorted(diff) == sorted(changed)
+  assert diff["input.crop_scale"] == ([0.2, 1.0], [0.5, 1.0])
+  free = {"input.data_dir": "/mnt/copy", "input.worker_count": 4, "input.read_threads": 2,
+          "input.normalize_on_device": False, "model.dtype": "bfloat16",
+          "model.attention": "xla", "fsdp": 2, "grad_accum_steps": 2, "stop_at_step": 7,
+          "eval_only": True, "evals.reconstruction.every_steps": 3, "log_every_steps": 9,
+          "checkpoint_every_steps": 9, "keep_checkpoints": 1}
+  assert config_diff(saved, set_fields(config, **free)) == {}
+  assert all(is_free(k) for k in free)
+
+
+def test_fields_a_checkpoint_predates_are_not_compared(demo_dir):
+  """Checkpoints written before `input.draft_decode` or `input.normalize_on_device` existed
+  resume with either setting."""
   config = config_with(demo_dir)
-  task = PretrainTask(config)
-  plan, _, _ = plan_and_optimizer(config, task, 320)
-  before = config.copy_and_resolve_references().unlock()
-  del before.input["draft_decode"]
-  assert "draft_decode" in config.input
-  assert run_signature(config, plan, task) == run_signature(before, plan, task)
+  before = saved_config(config)
+  del before["input"]["draft_decode"], before["input"]["normalize_on_device"]
   drafted = set_fields(config, **{"input.draft_decode": True})
-  assert run_signature(drafted, plan, task)["input"]["draft_decode"] is True
-
-
-def test_runs_from_before_normalize_on_device_resume_with_it(demo_dir):
-  """The option moves the normalise, not the data: checkpoints written before it existed
-  (and runs that flip it) keep their run signature."""
-  config = config_with(demo_dir)
-  task = PretrainTask(config)
-  plan, _, _ = plan_and_optimizer(config, task, 320)
-  before = config.copy_and_resolve_references().unlock()
-  del before.input["normalize_on_device"]
-  assert config.input.normalize_on_device
-  flipped = set_fields(config, **{"input.normalize_on_device": False})
-  want = run_signature(before, plan, task)
-  assert run_signature(config, plan, task) == want == run_signature(flipped, plan, task)
+  assert config_diff(before, config) == {} == config_diff(before, drafted)
+  assert config_diff(saved_config(config), drafted) == {"input.draft_decode": (False, True)}
 
 
 def test_unsupported_url_workdir_is_a_clear_error(tmp_path, demo_dir):
@@ -430,18 +441,15 @@ def test_stop_before_the_saved_step_is_refused(tmp_path, demo_dir):
     train_and_evaluate(config_with(demo_dir, stop_at_step=2, **NO_RECON), workdir)
 
 
-def host_records(num_records, host, hosts, seed, count):
-  """(record, sampler index) of the first `count` records a host reads, by grain's rule for
-  IndexSampler(shuffle=True, ShardOptions(host, hosts, drop_remainder=True)), written out:
-  the host owns records [host * S, (host + 1) * S), S = num_records // hosts, visited in
-  epoch e in the order of grain's index_shuffle with seed + e; its k-th record has sampler
-  index host + k * hosts, whose augmentation rng is Philox(seed + that index)."""
-  size = num_records // hosts
+def global_records(num_records, seed, count):
+  """(record, rng key) of global positions 0 ... count - 1, the rule written out: position g
+  holds record index_shuffle(g mod N) of epoch g // N (grain's permutation, seeded with
+  seed + epoch), augmented with Philox keyed by seed * 2**64 + g. No host count appears."""
   out = []
-  for k in range(count):
-    epoch, i = divmod(k, size)
-    record = host * size + index_shuffle(i, max_index=size - 1, seed=seed + epoch, rounds=4)
-    out.append((record, seed + host + k * hosts))
+  for g in range(count):
+    epoch, i = divmod(g, num_records)
+    out.append((index_shuffle(i, max_index=num_records - 1, seed=seed + epoch, rounds=4),
+                seed * 2**64 + g))
   return out
 
 
@@ -453,29 +461,26 @@ def augmented(source, config, records):
   flip, decode = transforms.RandomHorizontalFlip(), transforms.DecodeImage()
   normalize = transforms.Normalize(tuple(config.input.mean), tuple(config.input.std))
   images = []
-  for record, index in records:
-    rng = np.random.Generator(np.random.Philox(key=index))
+  for record, key in records:
+    rng = np.random.Generator(np.random.Philox(key=key))
     element = flip.random_map(crop.random_map(decode.map(source[record]), rng), rng)
     images.append(normalize.map(element)["image"])
   return np.stack(images)
 
 
-def two_host_reference(config, steps):
-  """The same run in this one process, fed the records each host must read: the global
-  batch is host 0's records then host 1's."""
+def reference_params(config, steps):
+  """The run in this one process, fed global batch k = positions kB ... kB + B - 1 by the
+  written-out rule (whatever the number of hosts that really read them)."""
   task = PretrainTask(config)
   source = pipeline.make_source(config.input, config.input.split)
   plan, schedule, tx = plan_and_optimizer(config, task, len(source))
   mesh = sharding.make_mesh(config.fsdp)
   state = create_state(task, tx, jax.random.key(config.seed), mesh)
   step = make_train_step(task, tx, schedule, mesh, abstract_state(task, tx), seed=config.seed)
-  per_host = config.batch_size // 2
-  hosts = [host_records(len(source), h, 2, config.seed, steps * per_host) for h in range(2)]
-  assert len(source) == 320 and {r for r, _ in hosts[0]} <= set(range(160))
-  assert {r for r, _ in hosts[1]} <= set(range(160, 320))
+  b = config.batch_size
+  records = global_records(len(source), config.seed, steps * b)
   for i in range(steps):
-    images = np.concatenate([augmented(source, config, h[i * per_host:(i + 1) * per_host])
-                             for h in hosts])
+    images = augmented(source, config, records[i * b:(i + 1) * b])
     state, _ = step(state, {"image": jax.device_put(images, sharding.batch_sharding(mesh))})
   return jax.device_get(state["params"]), plan
 
@@ -500,9 +505,9 @@ def test_two_processes_on_localhost_agree(tmp_path, demo_dir):
   assert os.listdir(os.path.join(workdir, "reconstructions")) == ["step_00000004.png"]
   params, _ = load_params(workdir)
   assert latest_step(workdir) == 4
-  # Each host fed its own shard and the collectives summed them right: the checkpoint equals
-  # one process training on the two hosts' batches side by side.
-  want, plan = two_host_reference(config_with(demo_dir), 4)
+  # Each host fed its part of each global batch and the collectives summed them right: the
+  # checkpoint equals one process training on the global batches of the written-out rule.
+  want, plan = reference_params(config_with(demo_dir), 4)
   # Observed: 1-2 float32 ulps of the params (at most 1.6e-4 x lr); fed other records, the
   # params move apart by ~lr.
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(want)):

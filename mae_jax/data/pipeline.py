@@ -1,10 +1,15 @@
 """The pretraining input pipeline: source -> decode -> augment -> host batch.
 
-Each host reads its own shard of the records and batches
-`global_batch_size // process_count` of them; `to_global_array` then assembles
-the hosts' batches into one global `jax.Array`. The loader is grain's
-`DataLoader`, so `iter(loader)` is a `grain.DataLoaderIterator` whose state
-(`get_state` / `set_state`, or grain's Orbax handler) resumes exactly.
+The training sample sequence is a function of (seed, global position) only. Position g
+(0, 1, 2, ... over the whole run) holds record `shuffle_{seed + epoch}(g mod N)` of the
+N-record source (a new permutation each epoch), augmented with an rng drawn from (seed, g);
+global batch k is positions k*B ... k*B + B - 1. Host p of P builds its part of it,
+positions k*B + p*B/P ... k*B + (p+1)*B/P - 1, and `to_global_array` assembles the hosts'
+parts into one global `jax.Array`. So which records form batch k, and each record's
+augmentation, depend on neither the process count nor the loader's worker count, and the
+data position of a run is one integer, the next global batch (the train step: one global
+batch per step), valid on any layout whose process count divides B. A run resumes on
+another number of hosts, devices or workers by starting the loader at its step.
 
 `input_config` fields (attributes; all but `dataset` optional):
   dataset: 'demo', 'digits' (scikit-learn's, splits 'train'/'test'), 'folder',
@@ -33,21 +38,24 @@ the hosts' batches into one global `jax.Array`. The loader is grain's
   randaugment: a timm RandAugment spec applied after the flip (fine-tuning:
     'rand-m9-mstd0.5-inc1'). Default None (off).
   reprob: random erasing probability, after normalising. Default 0 (off).
-  read_threads: threads reading records from the source (grain's `ReadOptions`). Default
-    None: 0 for sources held in memory (digits), where threads only contend for the GIL,
-    16 for files and ArrayRecord (grain's default, chosen for remote disks).
-  read_buffer: records read ahead. Default 64: grain's default of 500 costs ~0.5-1 ms per
-    record in this process on its own (it scans the ready part of the buffer on every
-    record), a 1.3-1.5x slower loader on the demo photos (benchmarks/input_pipeline.py).
+  read_threads: threads that read, decode and augment the records of a host batch together
+    (numpy and PIL release the GIL); for the evaluation loader, threads reading records
+    (grain's `ReadOptions`). Default None: 0 for sources held in memory (digits), where
+    threads only contend for the GIL, 16 for files and ArrayRecord (remote disks).
+  read_buffer: records the evaluation loader reads ahead. Default 64: grain's default of
+    500 costs ~0.5-1 ms per record in this process on its own (it scans the ready part of
+    the buffer on every record).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from typing import Any
 
 from absl import flags
 import grain
+from grain.experimental import index_shuffle
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,13 +104,18 @@ def device_images(images: jax.Array, input_config: Any) -> jax.Array:
   return images.astype(jnp.float32) * scale - offset  # [B, H, W, 3]
 
 
-def read_options(input_config: Any, source: Any) -> grain.ReadOptions:
-  """How many threads read records ahead, and how far: see `read_threads`, `read_buffer`."""
+def _threads(input_config: Any, source: Any) -> int:
+  """`read_threads`, or its default for `source`: 0 in memory, else 16."""
   threads = _field(input_config, "read_threads")
   if threads is None:
     threads = 0 if getattr(source, "in_memory", False) else 16
-  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=_field(input_config,
-                                                                              "read_buffer"))
+  return threads
+
+
+def read_options(input_config: Any, source: Any) -> grain.ReadOptions:
+  """How many threads read records ahead, and how far: see `read_threads`, `read_buffer`."""
+  return grain.ReadOptions(num_threads=_threads(input_config, source),
+                           prefetch_buffer_size=_field(input_config, "read_buffer"))
 
 
 def make_source(input_config: Any,
@@ -122,22 +135,86 @@ def make_source(input_config: Any,
   return sources.tfds_source(dataset, split, data_dir)
 
 
+def record_at(position: int, num_records: int, seed: int) -> int:
+  """The source record at global position `position` of the training sequence: epoch
+  e = position // N is a permutation of the N records, seeded with seed + e (grain's
+  `index_shuffle`, the permutation its own shuffles use)."""
+  epoch, index = divmod(position, num_records)
+  return int(index_shuffle(index, max_index=num_records - 1, seed=(seed + epoch) % 2**32,
+                           rounds=4))
+
+
+def example_rng(seed: int, position: int) -> np.random.Generator:
+  """The augmentation rng of global position `position`: Philox keyed by (seed, position)."""
+  return np.random.Generator(np.random.Philox(key=(seed % 2**64) * 2**64 + position))
+
+
+class HostBatches(grain.transforms.Map):
+  """Global batch index k -> this host's part of global batch k (see the module docstring).
+
+  Each example is read, decoded and augmented on its own, from its global position alone,
+  by `threads` threads together (0: in turn). An undecodable record is logged and replaced
+  by the next record of the source that decodes; `skipped` counts the records passed over.
+  """
+
+  def __init__(self, source: Any, operations: list[Any], *, seed: int, global_batch: int,
+               process_index: int, process_count: int, threads: int):
+    self.source, self.operations, self.seed, self.threads = source, operations, seed, threads
+    self.global_batch = global_batch
+    self.host_batch = global_batch // process_count
+    self.offset = process_index * self.host_batch
+    self.decode = operations[0]
+    self._pool = None
+
+  def __getstate__(self) -> dict[str, Any]:  # grain workers get a copy, without the pool
+    return {**self.__dict__, "_pool": None}
+
+  def example(self, position: int) -> dict[str, Any]:
+    n = len(self.source)
+    record = record_at(position, n, self.seed)
+    for skipped in range(n):
+      element = self.decode.map(self.source[(record + skipped) % n])
+      if element["image"] is not None:
+        break
+    else:
+      raise ValueError(f"no record of {self.source!r} decodes")
+    rng = example_rng(self.seed, position)
+    for op in self.operations[1:]:
+      element = (op.random_map(element, rng) if isinstance(op, grain.transforms.RandomMap)
+                 else op.map(element))
+    return {**element, "skipped": np.int32(skipped)}
+
+  def map(self, batch_index: int) -> dict[str, np.ndarray]:
+    first = batch_index * self.global_batch + self.offset
+    positions = range(first, first + self.host_batch)
+    if self.threads:
+      if self._pool is None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.threads)
+      examples = list(self._pool.map(self.example, positions))
+    else:
+      examples = [self.example(g) for g in positions]
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
 def make_train_loader(
     input_config: Any,
     *,
     image_size: int,
     global_batch_size: int,
     seed: int,
+    start_batch: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
     source: grain.sources.RandomAccessDataSource | None = None,
-) -> grain.DataLoader:
-  """Infinite, shuffled, augmented batches of this host's shard.
+) -> grain.IterDataset:
+  """This host's parts of global batches start_batch, start_batch + 1, ... (endless).
 
-  Batches are `{'image': float32 [B, image_size, image_size, 3] (uint8 with
-  `normalize_on_device`), 'skipped': int32 [B]}` with B = global_batch_size // process_count;
-  `skipped.sum()` counts undecodable records dropped (see `transforms`).
-  `source`: the source of `input_config.split` when the caller opened it already.
+  Batches are `{'image': float32 [b, image_size, image_size, 3] (uint8 with
+  `normalize_on_device`), 'skipped': int32 [b]}` (and int32 'label' [b] for labelled data)
+  with b = global_batch_size // process_count; `skipped.sum()` counts undecodable records
+  passed over. `worker_count` grain processes build whole batches in turn, so the batches
+  are the same for any worker count. `source`: the source of `input_config.split` when the
+  caller opened it already.
   """
   if process_index is None:
     process_index = jax.process_index()
@@ -156,21 +233,12 @@ def make_train_loader(
         "host; set input.normalize_on_device=False (or reprob=0)")
   if source is None:  # the caller may pass the one it opened already (listing is slow)
     source = make_source(input_config, _field(input_config, "split"))
-  shard_options = grain.sharding.ShardOptions(
-      shard_index=process_index, shard_count=process_count,
-      drop_remainder=True)
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shard_options=shard_options, shuffle=True,
-      num_epochs=None, seed=seed)
-  skip = transforms.SkipUndecodable()
   scale = tuple(_field(input_config, "crop_scale"))
   ratio = tuple(_field(input_config, "crop_ratio"))
   min_pixels = (transforms.draft_min_pixels(image_size, scale, ratio)
                 if _field(input_config, "draft_decode") else 0)
   operations = [
       transforms.DecodeImage(min_pixels),
-      skip,
-      transforms.AttachSkipCount(skip),
       transforms.RandomResizedCrop(image_size, scale=scale, ratio=ratio),
   ]
   if _field(input_config, "hflip"):
@@ -182,22 +250,22 @@ def make_train_loader(
     operations.append(transforms.Normalize(mean, tuple(_field(input_config, "std"))))
   if _field(input_config, "reprob") > 0:
     operations.append(randaugment.RandomErasing(_field(input_config, "reprob")))
-  operations.append(grain.transforms.Batch(global_batch_size // process_count,
-                                           drop_remainder=True))
+  batches = HostBatches(source, operations, seed=seed, global_batch=global_batch_size,
+                        process_index=process_index, process_count=process_count,
+                        threads=_threads(input_config, source))
+  # Batch indices start_batch ... (2**62: endless in practice), one batch read ahead.
+  dataset = grain.MapDataset.range(start_batch, 2**62).map(batches).to_iter_dataset(
+      grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
   worker_count = _field(input_config, "worker_count")
-  if worker_count and not flags.FLAGS.is_parsed():
-    # grain 0.2.18 workers read an absl flag and fail unless flags are parsed
-    # (google/grain#1355), as in scripts and tests that do not use absl.app.
-    flags.FLAGS.mark_as_parsed()
-  return grain.DataLoader(
-      data_source=source,
-      sampler=sampler,
-      operations=operations,
-      worker_count=worker_count,
-      worker_buffer_size=_field(input_config, "worker_buffer_size"),
-      shard_options=shard_options,
-      read_options=read_options(input_config, source),
-  )
+  if worker_count:
+    if not flags.FLAGS.is_parsed():
+      # grain 0.2.18 workers read an absl flag and fail unless flags are parsed
+      # (google/grain#1355), as in scripts and tests that do not use absl.app.
+      flags.FLAGS.mark_as_parsed()
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_count,
+        per_worker_buffer_size=_field(input_config, "worker_buffer_size")))
+  return dataset
 
 
 def eval_split(input_config: Any) -> str:

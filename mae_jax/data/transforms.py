@@ -1,26 +1,16 @@
 """Per-record grain transforms: robust decoding and MAE's augmentation.
 
-Skipped images. `DecodeImage` never raises: an image that cannot be decoded
-becomes `{'image': None}` (with a logged warning naming the file when known),
-`SkipUndecodable` drops it and counts it, and `AttachSkipCount` writes the
-number of records dropped just before each surviving record into that record's
-`skipped` field. After batching, `batch['skipped'].sum()` is exactly the number
-of records skipped while producing the batch, and summing it over batches gives
-the total. Why this way: with grain worker processes every worker runs its own
-copy of these transforms, so a process-wide counter would be lost or need
-shared memory; a field travels with the batch through grain's output queue, is
-exact per worker, needs no locking, and stays right after a checkpoint restore
-(skips are recounted as records are re-read). It relies on a grain pipeline
-applying the filter and the map in order on one thread, which is how both the
-in-process and the per-worker pipelines run; each iterator must get its own
-transform objects (`pipeline.make_train_loader` builds fresh ones per call).
+Undecodable images. `DecodeImage` never raises: an image that cannot be decoded becomes
+`{'image': None}` (with a logged warning naming the file when known); the training loader
+(`pipeline.HostBatches`) then takes the next record that decodes and counts the skip in
+the example's `skipped` field, so `batch['skipped'].sum()` is exact per batch, whatever
+the number of hosts and workers.
 
 Augmentation follows the reference MAE pretraining recipe: torchvision's
 RandomResizedCrop (bicubic), RandomHorizontalFlip, ToTensor and Normalize.
-Randomness comes only from the rng grain gives each record, seeded from the
-loader seed and the record's position in the sampler: a record's augmentation
-is the same whatever the number of workers (which only changes how records
-are grouped into batches).
+Randomness comes only from the rng each example gets, seeded from the loader
+seed and the example's global position (`pipeline.example_rng`): an example's
+augmentation is the same whatever the number of hosts and workers.
 """
 
 from __future__ import annotations
@@ -131,31 +121,6 @@ class DecodeImage(grain.transforms.Map):
                       element.get("file_name", "<no file name>"),
                       type(e).__name__, e)
       return {"image": None, **out}
-
-
-class SkipUndecodable(grain.transforms.Filter):
-  """Drops records `DecodeImage` could not decode, counting them."""
-
-  def __init__(self):
-    self.pending = 0
-
-  def filter(self, element: dict[str, Any]) -> bool:
-    if element["image"] is None:
-      self.pending += 1
-      return False
-    return True
-
-
-@dataclasses.dataclass
-class AttachSkipCount(grain.transforms.Map):
-  """Moves the count of records dropped since the last one into `skipped`."""
-
-  counter: SkipUndecodable
-
-  def map(self, element: dict[str, Any]) -> dict[str, Any]:
-    element["skipped"] = np.int32(self.counter.pending)
-    self.counter.pending = 0
-    return element
 
 
 def random_resized_crop_box(

@@ -78,18 +78,17 @@ class Task(abc.ABC):
                 ) -> tuple[optax.Schedule, optax.GradientTransformation]:
     """(lr schedule, optimizer) of the recipe for a run of `total_steps`."""
 
-  def run_fields(self) -> tuple[str, ...]:
-    """Config fields besides the shared ones that a resumed run must keep (optimizer)."""
-    return ()
-
   # --- The data. ---
   def train_source(self) -> grain.sources.RandomAccessDataSource:
     return pipeline.make_source(self.config.input, self.config.input.split)
 
-  def train_loader(self, source: grain.sources.RandomAccessDataSource) -> grain.DataLoader:
+  def train_loader(self, source: grain.sources.RandomAccessDataSource, start_batch: int = 0
+                   ) -> grain.IterDataset:
+    """This host's parts of global batches start_batch, start_batch + 1, ... (a run at step
+    k reads batch k next, on any number of hosts and loader workers)."""
     return pipeline.make_train_loader(
         self.config.input, image_size=self.image_size, global_batch_size=self.config.batch_size,
-        seed=self.config.seed, source=source)
+        seed=self.config.seed, start_batch=start_batch, source=source)
 
   @property
   @abc.abstractmethod

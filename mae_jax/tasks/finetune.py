@@ -162,7 +162,3 @@ class FinetuneTask(Task):
         schedule, weight_decay=c.weight_decay, b1=c.b1, b2=c.b2,
         decay_mask=decay_mask(paths, abstract),
         lr_scales=lr_scales(paths, self.encoder.depth, c.layer_decay))
-
-  def run_fields(self) -> tuple[str, ...]:
-    return ("weight_decay", "b1", "b2", "layer_decay", "min_lr", "drop_path", "smoothing",
-            "mixup", "cutmix", "mixup_prob", "mixup_switch_prob", "init_from")

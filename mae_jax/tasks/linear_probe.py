@@ -139,6 +139,3 @@ class LinearProbeTask(Task):
     return schedule, optim.lars(schedule, momentum=c.momentum,
                                 trust_coefficient=c.trust_coefficient,
                                 weight_decay=c.weight_decay)
-
-  def run_fields(self) -> tuple[str, ...]:
-    return ("weight_decay", "momentum", "trust_coefficient", "init_from")

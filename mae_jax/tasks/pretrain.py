@@ -66,8 +66,6 @@ class PretrainTask(Task):
     return schedule, optim.make_optimizer(schedule, weight_decay=c.weight_decay, b1=c.b1,
                                           b2=c.b2)
 
-  def run_fields(self) -> tuple[str, ...]:
-    return ("weight_decay", "b1", "b2")
 
   def flops_per_example(self) -> float:
     return metrics.train_flops_per_image(self.model)

@@ -1,7 +1,7 @@
 """The training loop every task shares: data -> sharded step -> metrics, evaluators, checkpoints.
 
 `train_and_evaluate(config, workdir)` runs (or resumes) the task `config.task` in `workdir`:
-  WORKDIR/checkpoints/<step>/   Orbax: train state, data iterator state, config
+  WORKDIR/checkpoints/<step>/   Orbax: train state and config (the data position is the step)
   WORKDIR/tensorboard/          TensorBoard events
   WORKDIR/metrics.jsonl         the same scalars, one JSON object per log step
   WORKDIR/config.json           the full run config
@@ -22,6 +22,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 
 from mae_jax import checkpointing, evals, metrics as metrics_lib, models, sharding, storage, tasks
 from mae_jax.data import pipeline
@@ -95,13 +96,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
                      "sees (a shared filesystem, or a bucket: gs://bucket/path)")
   source = task.train_source()
   plan, schedule, tx = plan_and_optimizer(config, task, len(source))
-  run = run_signature(config, plan, task)
+  run = run_signature(config, plan, len(source))
   saved = checkpointing.read_saved_run(workdir)
   if saved is not None:
-    check_resumable(workdir, saved, task, run, plan)
+    check_resumable(workdir, saved, task, run, plan, config)
   init_from = config.get("init_from")
   loaded = task.load_init(init_from) if init_from and saved is None else None
-  loader = task.train_loader(source)
+  # The data position is the step: a run at step k reads global batch k next.
+  loader = task.train_loader(source, start_batch=saved["step"] if saved else 0)
   mesh = sharding.make_mesh(config.fsdp)
   evaluators = evals.make_evaluators(config, task, mesh)
   best_metric = config.get("best_metric")  # e.g. 'classification/top1' (fine-tuning)
@@ -112,22 +114,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   # --- Set-up. ---
   is_main = jax.process_index() == 0
   storage.path(workdir).mkdir(parents=True, exist_ok=True)
-  if is_main:
+  if is_main and not (config.get("eval_only") and saved is not None):  # keep the run's own
     (storage.path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
   abstract = abstract_state(task, tx)
   shardings = sharding.tree_sharding(mesh, abstract)
-  data_iter = iter(loader)
   ckpt = checkpointing.TrainCheckpointer(workdir, keep=config.keep_checkpoints)
   best = checkpointing.BestCheckpointer(workdir, best_metric) if best_metric else None
   if ckpt.latest_step() is not None:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
-    state = ckpt.restore(target, data_iter)
+    state = ckpt.restore(target)
     log.info("resumed from step %d in %s", int(state["step"]), workdir)
   else:
     state = create_state(task, tx, jax.random.key(config.seed), mesh)
     if loaded is not None:
-      state = start_from(task, tx, state, loaded, shardings)
+      state = start_from(task, tx, state, loaded, shardings, mesh)
       log.info("initialised from %s", init_from)
   train_step = make_train_step(task, tx, schedule, mesh, abstract,
                                grad_accum_steps=config.grad_accum_steps, seed=config.seed)
@@ -146,6 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
       results = run_evaluators(evaluators, state, step, workdir, writer)
       write_results(workdir, step, results)
       return state
+    data_iter = iter(loader)
     if step == plan.stop_step:
       log.warning("%s is already at step %d: nothing to train", workdir, step)
     else:
@@ -208,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
         if previous is not None:  # never save a state whose step was not checked
           checked(step, step_metrics)
           previous = None
-        ckpt.save(step, state, data_iter, saved_config, force=True)
+        ckpt.save(step, state, saved_config, force=True)
       if preempted:
         log.warning("preempted (SIGTERM): saved step %d, exiting", step)
         break
@@ -260,10 +262,29 @@ def log_summary(workdir: str, first_step: int, step: int, seconds: float,
   log.info("tensorboard --logdir %s", workdir / "tensorboard")
 
 
-def start_from(task: tasks.Task, tx, state: State, loaded, shardings) -> State:
-  """The initial state with `config.init_from`'s weights put in (fresh optimizer state)."""
-  params, model_state = task.apply_init(loaded, state["params"], state.get("model_state", {}))
-  new = {"step": state["step"], "params": params, "opt_state": tx.init(params)}
-  if "model_state" in state:
-    new["model_state"] = model_state
-  return jax.device_put(new, shardings)
+def start_from(task: tasks.Task, tx, state: State, loaded, shardings, mesh) -> State:
+  """The initial state with `config.init_from`'s weights put in (fresh optimizer state).
+
+  Built inside one jitted function whose outputs have the state's shardings: every host
+  gives the loaded weights as host arrays (each host read the same file), each device
+  takes its part, and nothing moves between hosts (no cross-host `device_put`, which
+  multi-host backends refuse). Leaves that are not arrays (names, configs) stay static.
+  """
+  leaves, treedef = jax.tree.flatten(loaded)
+  at = [i for i, x in enumerate(leaves) if isinstance(x, (np.ndarray, jax.Array))]
+  replicated = sharding.replicated(mesh)
+  hosts = [np.asarray(leaves[i]) for i in at]
+  arrays = [jax.make_array_from_callback(h.shape, replicated, lambda idx, h=h: h[idx])
+            for h in hosts]
+
+  def build(state: State, arrays: list[jax.Array]) -> State:
+    full = list(leaves)
+    for i, array in zip(at, arrays):
+      full[i] = array
+    params, model_state = task.apply_init(jax.tree.unflatten(treedef, full), state["params"],
+                                          state.get("model_state", {}))
+    new = {"step": state["step"], "params": params, "opt_state": tx.init(params)}
+    if "model_state" in state:
+      new["model_state"] = model_state
+    return new
+  return jax.jit(build, out_shardings=shardings, donate_argnums=0)(state, arrays)

@@ -5,7 +5,6 @@ import dataclasses
 import json
 from typing import Any
 
-import jax
 import ml_collections
 import optax
 
@@ -52,25 +51,48 @@ def plan_and_optimizer(config: ml_collections.ConfigDict, task: Task, num_exampl
   return plan, schedule, tx
 
 
-# Input settings a resumed run may change: where the data lives and how it is read.
-# normalize_on_device only moves the normalise (host and device agree to 1e-6), so runs
-# checkpointed before the option resume with it on or off.
-FREE_INPUT_FIELDS = ("data_dir", "eval_split", "worker_count", "worker_buffer_size",
-                     "read_threads", "read_buffer", "normalize_on_device")
+# Config fields a resumed run may change: where the data lives and how it is read, how the
+# model computes (the float32 weights are the same), how the step is laid out over hosts and
+# devices, what is logged, saved and evaluated, and where this invocation stops. A prefix
+# ('evals') frees every field below it. Every other field of the config must keep its saved
+# value: a new hyperparameter is covered without being listed anywhere.
+# normalize_on_device only moves the normalise (host and device agree to 1e-6).
+# grad_accum_steps changes how the global batch is split, not the update (MAE's masks are
+# drawn for the whole batch); per-micro-batch randomness (drop path) is drawn anew.
+FREE_FIELDS = (
+    "input.data_dir", "input.eval_split", "input.worker_count", "input.worker_buffer_size",
+    "input.read_threads", "input.read_buffer", "input.normalize_on_device",
+    *(f"model.{k}" for k in COMPUTE_FIELDS),
+    "fsdp", "grad_accum_steps", "stop_at_step", "eval_only", "evals", "best_metric",
+    "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+)
 
 
-def run_signature(config: ml_collections.ConfigDict, plan: Plan, task: Task) -> dict[str, Any]:
-  """What a resumed run must share with the run that wrote the checkpoint: the data order
-  and augmentation, the hosts, the masks and the optimisation (the model is compared
-  separately). JSON-normalised, as it is stored with each checkpoint."""
-  inputs = {k: v for k, v in config.input.to_dict().items() if k not in FREE_INPUT_FIELDS}
-  if not inputs.get("draft_decode", True):  # off: as checkpoints from before the option
-    del inputs["draft_decode"]
+def is_free(field: str) -> bool:
+  """True for a dotted config field (or one below a prefix) in FREE_FIELDS."""
+  return any(field == f or field.startswith(f + ".") for f in FREE_FIELDS)
+
+
+def flat_fields(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{'input': {'seed': 0}} -> {'input.seed': 0}, JSON-normalised (tuples are lists)."""
+  out = {}
+  for k, v in json.loads(json.dumps(tree)).items():
+    if isinstance(v, dict) and v:
+      out.update(flat_fields(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def run_signature(config: ml_collections.ConfigDict, plan: Plan, num_records: int
+                  ) -> dict[str, Any]:
+  """What the config derives for the run, beside its own fields: the step counts and peak
+  lr (they depend on the dataset's size) and the number of training records (the sample
+  sequence is a permutation of them). JSON-normalised, as stored with each checkpoint."""
   return json.loads(json.dumps({
-      "batch_size": config.batch_size, "seed": config.seed, "input": inputs,
-      "process_count": jax.process_count(), "total_steps": plan.total_steps,
+      "batch_size": config.batch_size, "total_steps": plan.total_steps,
       "warmup_steps": plan.warmup_steps, "peak_lr": plan.peak_lr,
-      **{k: config[k] for k in task.run_fields()}}))
+      "train_records": num_records}))
 
 
 def checkpoint_config(task: Task, run: dict[str, Any],
@@ -88,12 +110,25 @@ def model_diff(task: Task, saved_model: dict[str, Any]) -> dict[str, tuple[Any, 
           if model.get(k) != v and k not in COMPUTE_FIELDS}
 
 
+def config_diff(saved: dict[str, Any], config: ml_collections.ConfigDict
+                ) -> dict[str, tuple[Any, Any]]:
+  """{field: (saved, config)} for every dotted field of both configs that differs, except
+  the FREE_FIELDS and the model (compared by `model_diff`). A field only one side has (a
+  checkpoint from before the field existed) is not compared."""
+  old = flat_fields(saved)
+  new = flat_fields(json.loads(config.to_json_best_effort()))
+  return {k: (old[k], v) for k, v in new.items()
+          if k in old and old[k] != v and not is_free(k) and not k.startswith("model.")}
+
+
 def check_resumable(workdir: str, saved: dict[str, Any], task: Task, run: dict[str, Any],
-                    plan: Plan) -> None:
+                    plan: Plan, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume a checkpoint of another task, model or run, naming the fields.
 
-  The activation dtype and the attention kernel may change (the parameters are the same
-  either way). Checkpoints written before tasks existed are pretraining checkpoints.
+  Every config field is compared except the FREE_FIELDS (process and device counts are no
+  field: a run resumes on any layout). An evaluation (`eval_only`) trains nothing and
+  saves no checkpoint, so it only needs the same task and model. Checkpoints written
+  before tasks existed are pretraining checkpoints.
   """
   saved_task = saved.get("task", "pretrain")
   if saved_task != task.name:
@@ -103,7 +138,10 @@ def check_resumable(workdir: str, saved: dict[str, Any], task: Task, run: dict[s
   if diff:
     raise ValueError(f"{workdir} holds a checkpoint of another model; (saved, config): "
                      f"{diff}. Use a new workdir or the saved model config")
-  diff = {k: (v, run.get(k)) for k, v in saved["run"].items() if run.get(k) != v}
+  if config.get("eval_only"):
+    return
+  diff = config_diff(saved.get("config", {}), config)
+  diff.update({k: (v, run[k]) for k, v in saved["run"].items() if k in run and run[k] != v})
   if diff:
     raise ValueError(f"{workdir} holds a checkpoint of a run with other settings; "
                      f"(saved, config): {diff}. Resuming would not continue that run: use a "
