@@ -132,3 +132,65 @@ def test_setup_run_status_logs_stop_and_resume(tmp_path, demo_dir):
   again = step_of(resumed["worker 0"])
   assert step_of(resumed["worker 1"]) == again and saved < again < 200
   assert latest_step(workdir) == again
+
+
+def calls(env):
+  with open(os.path.join(env["FAKE_TPU_ROOT"], "calls.log")) as f:
+    return f.read()
+
+
+def job_log(env, node, worker):
+  path = os.path.join(home(env, node, worker), "mae_jax_job", "log")
+  return open(path).read() if os.path.exists(path) else ""
+
+
+def test_multi_slice_request_setup_environment_and_logs(tmp_path):
+  """SLICES=2: one queued resource of two nodes, and each slice's workers told the layout (the
+  stand-in main prints its MEGASCALE_* environment instead of training)."""
+  env = make_env(tmp_path, SLICES="2", FAKE_TPU_WORKERS="1", FAKE_MAIN="1")
+  out = pod(env, "create", "big", ZONE, "v5p-128", "v2-alpha-tpuv5", "--spot")
+  assert out.returncode == 0, out.stderr
+  assert ("queued-resources create big --zone=us-central2-b --accelerator-type=v5p-128 "
+          "--runtime-version=v2-alpha-tpuv5 --node-count=2 --node-prefix=big --spot") in calls(env)
+  assert pod(env, "setup", "big", ZONE).returncode == 0
+  out = pod(env, "run", "big", ZONE, "gs://bucket/run", "--config=configs/base.py")
+  assert out.returncode == 0, out.stderr
+  assert "slice 0 worker 0: started" in out.stdout and "slice 1 worker 0: started" in out.stdout
+  for s in (0, 1):
+    log = wait_until(lambda: "main " in job_log(env, f"big-{s}", 0) and job_log(env, f"big-{s}", 0))
+    assert (f"MEGASCALE_COORDINATOR_ADDRESS=127.0.0.1\nMEGASCALE_NUM_SLICES=2\n"
+            f"MEGASCALE_PORT=8080\nMEGASCALE_SLICE_ID={s}\n") in log
+    assert "main --jax_distributed --workdir=gs://bucket/run" in log
+  out = pod(env, "logs", "big", ZONE, "1:0")
+  assert out.returncode == 0 and out.stdout.startswith("== slice 1 worker 0\n")
+  out = pod(env, "status", "big", ZONE)
+  assert sorted(line.split(":")[0] for line in out.stdout.splitlines()) == [
+      "slice 0 worker 0", "slice 1 worker 0"]
+  assert out.stdout.count(": running") == 2
+  out = pod(env, "stop", "big", ZONE)
+  assert out.returncode == 0 and out.stdout.count(": stopped") == 2, out.stdout + out.stderr
+
+
+def test_watch_renews_a_reclaimed_slice_and_restarts_the_job(tmp_path):
+  env = make_env(tmp_path, FAKE_MAIN="1", WATCH_INTERVAL="0.2")
+  assert pod(env, "create", "spot", ZONE, "v5litepod-16", "v2-alpha-tpuv5-lite",
+             "--spot").returncode == 0
+  watch = subprocess.Popen([LAUNCHER, "watch", "spot", ZONE, "gs://bucket/run"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    # Fresh workers: set up, then started.
+    wait_until(lambda: all("main " in job_log(env, "spot", w) for w in (0, 1)), timeout=60)
+    # Reclaimed: the watch requests the slice again, sets up its new workers, restarts the job.
+    with open(os.path.join(env["FAKE_TPU_ROOT"], "queued", "spot"), "w") as f:
+      f.write("SUSPENDED\n")
+    wait_until(lambda: calls(env).count("queued-resources create spot") == 2, timeout=60)
+    assert "queued-resources delete spot --zone=us-central2-b --force --quiet" in calls(env)
+    wait_until(lambda: all("main " in job_log(env, "spot", w) for w in (0, 1)), timeout=60)
+    assert all(job_log(env, "spot", w).count("=== ") == 1 for w in (0, 1))  # new VMs
+    # Stopped by hand: the watch ends.
+    assert pod(env, "stop", "spot", ZONE).returncode == 0
+    output = watch.communicate(timeout=60)[0]
+  finally:
+    if watch.poll() is None:
+      watch.kill()
+  assert watch.returncode == 0 and "stopped by hand" in output, output
