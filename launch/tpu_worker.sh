@@ -56,7 +56,7 @@ start() {
   # puts them in each VM's tpu-env metadata; otherwise they come from tpu_pod.sh.
   if [[ -n "${SLICE_ID:-}" && -z "${MEGASCALE_NUM_SLICES:-}" ]] &&
      ! metadata tpu-env | grep -q '^MEGASCALE_NUM_SLICES'; then
-    export MEGASCALE_COORDINATOR_ADDRESS=${SLICE_COORDINATOR:?} MEGASCALE_PORT=8080 \
+    export MEGASCALE_COORDINATOR_ADDRESS=${SLICE_COORDINATOR:?}:8080 MEGASCALE_PORT=8080 \
            MEGASCALE_NUM_SLICES=${NUM_SLICES:?} MEGASCALE_SLICE_ID=$SLICE_ID
   fi
   # jax.distributed.initialize() finds the TPU workers by itself. Where it cannot, give the

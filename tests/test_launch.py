@@ -158,7 +158,7 @@ def test_multi_slice_request_setup_environment_and_logs(tmp_path):
   assert "slice 0 worker 0: started" in out.stdout and "slice 1 worker 0: started" in out.stdout
   for s in (0, 1):
     log = wait_until(lambda: "main " in job_log(env, f"big-{s}", 0) and job_log(env, f"big-{s}", 0))
-    assert (f"MEGASCALE_COORDINATOR_ADDRESS=127.0.0.1\nMEGASCALE_NUM_SLICES=2\n"
+    assert (f"MEGASCALE_COORDINATOR_ADDRESS=127.0.0.1:8080\nMEGASCALE_NUM_SLICES=2\n"
             f"MEGASCALE_PORT=8080\nMEGASCALE_SLICE_ID={s}\n") in log
     assert "main --jax_distributed --workdir=gs://bucket/run" in log
   out = pod(env, "logs", "big", ZONE, "1:0")
