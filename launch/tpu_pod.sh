@@ -114,17 +114,21 @@ watch() {
       SUSPENDED|FAILED)
         [[ -f "$records/$name" ]] || fail "$name was not requested by '$0 create': cannot renew it"
         echo "$(date -u '+%F %T') $name was reclaimed: requesting it again"
-        gcloud compute tpus queued-resources delete "$name" --zone="$zone" --force --quiet
-        eval "$(cat "$records/$name")" ;;
+        gcloud compute tpus queued-resources delete "$name" --zone="$zone" --force --quiet &&
+          eval "$(cat "$records/$name")" || echo "renewing $name failed; trying again later" ;;
       ""|ACTIVE)
-        states=$(worker_status) || states="unreachable"
-        if ! grep -vq ': finished' <<< "$states"; then echo "$states"; echo "finished"; return; fi
-        if grep -q ': stopped' <<< "$states"; then echo "$states"; echo "stopped by hand"; return; fi
-        if grep -vq ': running' <<< "$states"; then
+        if ! states=$(worker_status); then
+          echo "$(date -u '+%F %T') some workers do not answer; trying again later"
+        elif ! grep -vq ': finished' <<< "$states"; then
+          echo "$states"; echo "finished"; return
+        elif grep -q ': stopped' <<< "$states"; then
+          echo "$states"; echo "stopped by hand"; return
+        elif grep -vq ': running' <<< "$states"; then
           echo "$(date -u '+%F %T') restarting:"; echo "$states"
-          if grep -q 'not set up' <<< "$states"; then setup; fi
-          on_workers 'launch/tpu_worker.sh stop'
-          run "$@" || true
+          # In a subshell: a refusal (exit) or a failure waits for the next look.
+          ( if grep -q 'not set up' <<< "$states"; then setup; fi &&
+            on_workers 'launch/tpu_worker.sh stop' && run "$@" ) ||
+            echo "restarting failed; trying again later"
         fi ;;
     esac
     sleep "$interval"

@@ -1,8 +1,10 @@
 """launch/tpu_pod.sh, driven through a stand-in gcloud (tests/fake_gcloud/gcloud): a TPU slice of
 two workers on this machine, each a folder (its home) and a process, the job over gloo on
 localhost. What it cannot show: the real gcloud's SSH, the TPU VMs' metadata server, libtpu."""
+import glob
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -16,12 +18,25 @@ LAUNCHER = os.path.join(ROOT, "launch", "tpu_pod.sh")
 ZONE = "us-central2-b"
 
 
-def make_env(tmp_path, **extra):
+@pytest.fixture
+def cloud(tmp_path):
+  """Makes the stand-in's environment; afterwards ends the jobs its workers still run (a test
+  that failed half-way leaves them running: they are detached)."""
   root = tmp_path / "cloud"
   root.mkdir()
-  return {**os.environ, "PATH": f"{FAKE_BIN}:{os.environ['PATH']}", "FAKE_TPU_ROOT": str(root),
-          "REAL_PYTHON": sys.executable, "XDG_STATE_HOME": str(tmp_path / "state"),
-          "XLA_FLAGS": "", **extra}  # one CPU device per worker (conftest gives this one 8)
+
+  def make_env(**extra):
+    return {**os.environ, "PATH": f"{FAKE_BIN}:{os.environ['PATH']}",
+            "FAKE_TPU_ROOT": str(root), "REAL_PYTHON": sys.executable,
+            "XDG_STATE_HOME": str(tmp_path / "state"),
+            "XLA_FLAGS": "", **extra}  # one CPU device per worker (conftest gives this one 8)
+
+  yield make_env
+  for pid_file in glob.glob(str(root / "*" / "worker-*" / "mae_jax_job" / "pid")):
+    try:
+      os.killpg(os.getpgid(int(open(pid_file).read())), signal.SIGKILL)
+    except ProcessLookupError:
+      pass
 
 
 def make_tpu(env, name, workers=2):
@@ -73,16 +88,16 @@ def step_of(line):
     (["compute", "tpus", "tpu-vm", "ssh", "other", "--zone=z", "--worker=all",
       "--command=true"], "NOT_FOUND"),
 ])
-def test_stand_in_refuses_calls_the_real_gcloud_refuses(tmp_path, args, error):
-  env = make_env(tmp_path)
+def test_stand_in_refuses_calls_the_real_gcloud_refuses(cloud, args, error):
+  env = cloud()
   make_tpu(env, "pod")
   out = subprocess.run([os.path.join(FAKE_BIN, "gcloud"), *args], env=env, capture_output=True,
                        text=True, timeout=30)
   assert out.returncode == 1 and error in out.stderr
 
 
-def test_setup_run_status_logs_stop_and_resume(tmp_path, demo_dir):
-  env = make_env(tmp_path)
+def test_setup_run_status_logs_stop_and_resume(cloud, tmp_path, demo_dir):
+  env = cloud()
   make_tpu(env, "pod")
   workdir = str(tmp_path / "run")
   flags = ["--config=configs/demo.py", f"--config.input.data_dir={demo_dir}",
@@ -144,10 +159,10 @@ def job_log(env, node, worker):
   return open(path).read() if os.path.exists(path) else ""
 
 
-def test_multi_slice_request_setup_environment_and_logs(tmp_path):
+def test_multi_slice_request_setup_environment_and_logs(cloud):
   """SLICES=2: one queued resource of two nodes, and each slice's workers told the layout (the
   stand-in main prints its MEGASCALE_* environment instead of training)."""
-  env = make_env(tmp_path, SLICES="2", FAKE_TPU_WORKERS="1", FAKE_MAIN="1")
+  env = cloud(SLICES="2", FAKE_TPU_WORKERS="1", FAKE_MAIN="1")
   out = pod(env, "create", "big", ZONE, "v5p-128", "v2-alpha-tpuv5", "--spot")
   assert out.returncode == 0, out.stderr
   assert ("queued-resources create big --zone=us-central2-b --accelerator-type=v5p-128 "
@@ -171,8 +186,8 @@ def test_multi_slice_request_setup_environment_and_logs(tmp_path):
   assert out.returncode == 0 and out.stdout.count(": stopped") == 2, out.stdout + out.stderr
 
 
-def test_watch_renews_a_reclaimed_slice_and_restarts_the_job(tmp_path):
-  env = make_env(tmp_path, FAKE_MAIN="1", WATCH_INTERVAL="0.2")
+def test_watch_renews_a_reclaimed_slice_and_restarts_the_job(cloud):
+  env = cloud(FAKE_MAIN="1", WATCH_INTERVAL="0.2")
   assert pod(env, "create", "spot", ZONE, "v5litepod-16", "v2-alpha-tpuv5-lite",
              "--spot").returncode == 0
   watch = subprocess.Popen([LAUNCHER, "watch", "spot", ZONE, "gs://bucket/run"], env=env,
