@@ -34,8 +34,10 @@ on_workers() {
   local pids=() i rc=0
   for ((i = 0; i < slices; i++)); do
     local env=""
-    ((slices == 1)) ||
-      env="export SLICE_ID=$i NUM_SLICES=$slices${slice_coordinator:+ SLICE_COORDINATOR=$slice_coordinator}; "
+    if ((slices > 1)); then
+      env="export SLICE_ID=$i NUM_SLICES=$slices"
+      env+="${slice_coordinator:+ SLICE_COORDINATOR=$slice_coordinator}; "
+    fi
     gcloud compute tpus tpu-vm ssh "$(node "$i")" --zone="$zone" --worker=all \
       --command="cd ~/mae_jax 2>/dev/null; $env$1" &
     pids+=($!)
@@ -57,11 +59,13 @@ require_idle() {  # never start a second job next to one that runs, or swap its 
 
 setup() {
   require_idle
-  local tarball
-  tarball=$(mktemp "${TMPDIR:-/tmp}/mae_jax.XXXXXX.tar.gz")
-  # The checkout as it is (tracked and new files, not what .gitignore leaves out).
+  local tmp tarball
+  tmp=$(mktemp -d); tarball="$tmp/mae_jax.tar.gz"
+  # The checkout as it is: tracked and new files, not what .gitignore leaves out (GNU and BSD
+  # tar alike, for a Mac as for Linux).
   git -C "$repo" ls-files -z --cached --others --exclude-standard |
-    tar -C "$repo" --null -T - --ignore-failed-read -czf "$tarball"
+    (cd "$repo" && while IFS= read -r -d '' f; do [[ ! -e "$f" ]] || printf '%s\0' "$f"; done) |
+    tar -C "$repo" --null -T - -czf "$tarball"
   local pids=() i rc=0
   for ((i = 0; i < slices; i++)); do
     gcloud compute tpus tpu-vm scp --zone="$zone" --worker=all "$tarball" \
@@ -69,16 +73,20 @@ setup() {
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
-  rm -f "$tarball"
+  rm -rf "$tmp"
   ((rc == 0)) || fail "copying the checkout to the workers failed"
   on_workers 'cd ~ && rm -rf mae_jax && mkdir mae_jax && tar -xzf mae_jax.tar.gz -C mae_jax &&
               rm mae_jax.tar.gz && mae_jax/launch/tpu_worker.sh install'
 }
 
+check_workdir() {
+  [[ "$1" == gs://* || "$1" == /* ]] ||
+    fail "WORKDIR $1: give a gs:// path or an absolute path every worker sees"
+}
+
 run() {
   local workdir=${1:?WORKDIR}; shift
-  [[ "$workdir" == gs://* || "$workdir" == /* ]] ||
-    fail "WORKDIR $workdir: give a gs:// path or an absolute path every worker sees"
+  check_workdir "$workdir"
   [[ $# -gt 0 ]] || set -- --config=configs/base.py
   require_idle
   if ((slices > 1)); then  # the first worker of the first slice coordinates the slices
@@ -109,6 +117,7 @@ queued_state() {  # the queued resource's state; empty when there is none
 # worker is restarted on all of them; it resumes from the newest checkpoint in WORKDIR.
 watch() {
   local interval=${WATCH_INTERVAL:-300} states
+  check_workdir "${1:?WORKDIR}"
   while true; do
     case "$(queued_state)" in
       SUSPENDED|FAILED)
@@ -143,8 +152,9 @@ case "$action" in
   logs)
     where=${1:-0}; slice=0
     [[ "$where" != *:* ]] || { slice=${where%%:*}; where=${where#*:}; }
+    env=$( ((slices == 1)) || echo "export SLICE_ID=$slice; ")
     gcloud compute tpus tpu-vm ssh "$(node "$slice")" --zone="$zone" --worker="$where" \
-      --command="$( ((slices == 1)) || echo "export SLICE_ID=$slice; ")~/mae_jax/launch/tpu_worker.sh logs ${2:-100}" ;;
+      --command="${env}~/mae_jax/launch/tpu_worker.sh logs ${2:-100}" ;;
   stop) on_workers 'launch/tpu_worker.sh stop' ;;
   watch) watch "$@" ;;
   *) fail "unknown action $action (create, setup, run, status, logs, stop or watch)" ;;

@@ -71,7 +71,10 @@ start() {
   setsid nohup bash -c '"${@:2}" < /dev/null >> "$1/log" 2>&1 & echo $! > "$1/pid"
                         wait $!; echo $? > "$1/exit"' _ "$job" "${cmd[@]}" \
     < /dev/null > /dev/null 2>&1 &
-  while [[ ! -s "$job/pid" ]]; do sleep 0.1; done
+  for _ in {1..100}; do [[ -s "$job/pid" ]] && break; sleep 0.1; done
+  if [[ ! -s "$job/pid" ]]; then
+    echo "$(label): the job did not start (see ~/mae_jax_job/log)" >&2; exit 1
+  fi
   echo "$(label): started (pid $(cat "$job/pid")), log ~/mae_jax_job/log"
 }
 
