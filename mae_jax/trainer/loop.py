@@ -45,15 +45,21 @@ class Preemption:
   a single process sets a flag from its own SIGTERM handler.
   """
 
-  def __init__(self, manager):
+  def __init__(self, manager, start_step: int):
     self._manager = manager
+    self._start_step = start_step
     self._flag = threading.Event()
     self._multi = jax.process_count() > 1
     if not self._multi and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
 
   def reached(self, step: int) -> bool:
-    return self._manager.reached_preemption(step) if self._multi else self._flag.is_set()
+    if not self._multi:
+      return self._flag.is_set()
+    # JAX's sync point is the call after the furthest host's last one, counted from 0: count
+    # this run's steps (1, 2, ...), or a SIGTERM before a resumed run's first step (while it
+    # restores and compiles) names a step that has passed, and no host ever stops.
+    return self._manager.reached_preemption(step - self._start_step)
 
   def close(self) -> None:
     if hasattr(self, "_previous"):
@@ -134,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
                                grad_accum_steps=config.grad_accum_steps, seed=config.seed)
   saved_config = checkpoint_config(task, run, config)
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
-  preemption = Preemption(ckpt.manager)
+  preemption = Preemption(ckpt.manager, int(state["step"]))
   batch_sharding = sharding.batch_sharding(mesh)
   flops = task.flops_per_example()
   flops = flops * config.batch_size if flops else None
