@@ -164,7 +164,7 @@ def test_demo_run_in_a_bucket_resumes_bitwise_like_a_local_run(runs):
   for step in (2, 4):
     assert f"run/checkpoints/{step}/commit_success.txt" in names  # finished Orbax steps
     assert any(n.startswith(f"run/checkpoints/{step}/state/") for n in names)
-    assert any(n.startswith(f"run/checkpoints/{step}/data/") for n in names)  # iterator
+    assert not any(n.startswith(f"run/checkpoints/{step}/data/") for n in names)  # the step
   assert "run/config.json" in names
   events = [n for n in names if n.startswith("run/tensorboard/events.out.tfevents")]
   assert len(events) == 2  # one file per invocation, in order of creation time
@@ -176,6 +176,26 @@ def test_demo_run_in_a_bucket_resumes_bitwise_like_a_local_run(runs):
   local_rows = [json.loads(r) for r in open(os.path.join(local, "metrics.jsonl"))]
   assert [r["step"] for r in rows] == [r["step"] for r in local_rows] == [2, 4]
   assert [r["loss"] for r in rows] == [r["loss"] for r in local_rows]
+
+
+@inside
+def test_two_processes_continue_a_bucket_run_of_one(runs, image_folder, tmp_path):
+  """A bucket run stopped at step 2 by one process and continued to 4 by two (2 devices
+  each, gloo on loopback): every host reads and writes the same gs:// workdir, and the
+  params are the local run's within float reduction order."""
+  from mae_jax.checkpointing import load_params
+  from mae_jax.trainer import train_and_evaluate
+  from test_multihost import close, run_processes
+  from test_train import OVERRIDES
+  local, local_state, _, _ = runs
+  fields = {**OVERRIDES, **NO_RECON, "input.dataset": "folder",
+            "input.data_dir": image_folder[1], "input.eval_split": "val"}
+  remote = "gs://mae/two_processes"
+  train_and_evaluate(config_with(None, **fields, stop_at_step=2), remote)
+  run_processes([{"config": "configs/demo.py", "overrides": {**fields, "stop_at_step": 4},
+                  "workdir": remote}], str(tmp_path))
+  assert bucket_objects("two_processes/checkpoints/4/commit_success.txt")
+  close(load_params(remote)[0], local_state["params"], atol=2e-5)
 
 
 @inside

@@ -321,10 +321,13 @@ def test_resize_center_crop_keeps_the_middle():
 
 
 def test_hosts_read_disjoint_parts_of_the_same_global_batches(tmp_path):
-  for i in range(16):  # Constant images: the value identifies the record.
+  rng = np.random.default_rng(0)
+  for i in range(16):  # Red identifies the record; green and blue noise shows the crop.
     d = tmp_path / "train" / f"c{i % 4}"
     d.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (24 + i, 20), (10 * (i + 1),) * 3).save(d / f"{i}.png")
+    image = rng.integers(0, 256, (20, 24 + i, 3), dtype=np.uint8)
+    image[..., 0] = 10 * (i + 1)
+    Image.fromarray(image).save(d / f"{i}.png")
   config = _config(dataset="folder", data_dir=str(tmp_path))
 
   def batches(process_index, process_count):
