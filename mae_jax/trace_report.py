@@ -39,8 +39,8 @@ PATTERNS = (  # matched against an operation's names (HLO op, kernels, HLO text)
     ("collectives", re.compile(r"all-reduce|all-gather|reduce-scatter|all-to-all|"
                                r"collective-permute|all_reduce|all_gather|reduce_scatter|"
                                r"nccl|send|recv|collective")),
-    ("matmuls", re.compile(r"\bdot\b|dot[._]|gemm|matmul|cublas|nvjet|xmma|wgmma|hmma|"
-                           r"convolution|conv[._]|ynn_fusion|onednn")),
+    ("matmuls", re.compile(r"\bdot\b|dot[._]|gemm|matmul|cublas|cutlass|nvjet|xmma|wgmma|"
+                           r"hmma|convolution|conv[._]|ynn_fusion|onednn")),
 )
 
 
@@ -81,31 +81,38 @@ def find_trace(path: str) -> str:
 
 
 def load_ops(trace: dict, device: int) -> tuple[str, list[Op]]:
-  """The device's operations (events with an `hlo_op`), with the device's name.
+  """The device's operations, with the device's name.
 
   Devices are the trace's /device:* processes (GPU, TPU), or on the CPU the host process's
-  events split by their `device_ordinal`; `device` indexes them in sorted order. Where a
-  device has an 'XLA Ops' line, only that line is read (its kernels are also on stream
-  lines); kernel names on other lines are added to their op's text.
+  events split by their `device_ordinal`; `device` indexes them in sorted order. An
+  operation is an event with an `hlo_op` argument, or any event on a device's 'XLA Ops'
+  line; where a device has that line, only it is read (its kernels are also on the stream
+  lines, whose kernel names are added to their op's text). An op without an `hlo_module`
+  belongs to the 'XLA Modules' event around it.
   """
-  events = trace["traceEvents"]
+  events = [e for e in trace["traceEvents"] if e.get("ph") in ("X", "M")]
   processes = {e["pid"]: e["args"]["name"] for e in events
-               if e.get("ph") == "M" and e.get("name") == "process_name"}
-  threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+               if e["ph"] == "M" and e.get("name") == "process_name"}
+  lines = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+           if e["ph"] == "M" and e.get("name") == "thread_name"}
+  line = lambda e: lines.get((e["pid"], e.get("tid")))
   device_pids = {pid for pid, name in processes.items() if name.startswith("/device:")}
   by_device = collections.defaultdict(list)
+  modules = collections.defaultdict(list)  # pid: 'XLA Modules' events
   for e in events:
     args = e.get("args") or {}
-    if e.get("ph") != "X" or "hlo_op" not in args:
+    if e["ph"] != "X":
+      continue
+    if line(e) == "XLA Modules":
+      modules[e["pid"]].append(e)
+    if "hlo_op" not in args and not (e["pid"] in device_pids and line(e) == "XLA Ops"):
       continue
     if device_pids:
-      if e["pid"] not in device_pids:
-        continue
-      key = processes[e["pid"]]
+      if e["pid"] in device_pids:
+        by_device[processes[e["pid"]]].append(e)
     else:
-      key = f"{processes.get(e['pid'], e['pid'])} device {args.get('device_ordinal', 0)}"
-    by_device[key].append(e)
+      by_device[f"{processes.get(e['pid'], e['pid'])} device "
+                f"{args.get('device_ordinal', 0)}"].append(e)
   if not by_device:
     raise ValueError("the trace has no device operations (events with an hlo_op)")
   names = sorted(by_device, key=lambda k: [int(t) if t.isdigit() else t
@@ -113,19 +120,31 @@ def load_ops(trace: dict, device: int) -> tuple[str, list[Op]]:
   if not 0 <= device < len(names):
     raise ValueError(f"--device {device}: the trace has {len(names)} devices ({names})")
   chosen = by_device[names[device]]
-  ops_line = [e for e in chosen if threads.get((e["pid"], e.get("tid"))) == "XLA Ops"]
+  ops_line = [e for e in chosen if line(e) == "XLA Ops"]
+  op_name = lambda e: (e.get("args") or {}).get("hlo_op", e["name"])
   kernels = collections.defaultdict(set)
   for e in chosen:
-    if e["name"] != e["args"]["hlo_op"]:
-      kernels[e["args"]["hlo_op"]].add(e["name"])
+    if e["name"] != op_name(e):
+      kernels[op_name(e)].add(e["name"])
   ops = []
   for e in ops_line or chosen:
-    args = e["args"]
-    text = " ".join([args["hlo_op"], e["name"], str(args.get("long_name", "")),
-                     str(args.get("tf_op", "")), *kernels[args["hlo_op"]]]).lower()
-    ops.append(Op(args["hlo_op"], str(args.get("hlo_module", "")), e["ts"],
-                  e["ts"] + e.get("dur", 0.0), text))
+    args = e.get("args") or {}
+    module = args.get("hlo_module") or next(
+        (m["name"] for m in modules[e["pid"]]
+         if m["ts"] <= e["ts"] <= m["ts"] + m.get("dur", 0.0)), "")
+    text = " ".join([op_name(e), e["name"], str(args.get("hlo_category", "")),
+                     *hlo_kind(str(args.get("long_name", ""))), *kernels[op_name(e)]])
+    ops.append(Op(op_name(e), str(module), e["ts"], e["ts"] + e.get("dur", 0.0),
+                  text.lower()))
   return names[device], ops
+
+
+def hlo_kind(long_name: str) -> list[str]:
+  """From an op's HLO text, its opcode and custom-call target ('custom-call',
+  '__cudnn$fmhaSoftmax'), not its operands' names (a fusion reading a dot is no matmul)."""
+  opcode = re.search(r"=.*?\s([\w-]+)\(", long_name)
+  target = re.search(r'custom_call_target="([^"]+)"', long_name)
+  return [m.group(1) for m in (opcode, target) if m]
 
 
 def category(op: Op, module: str) -> str:

@@ -1,5 +1,7 @@
 """Start-up and diagnostics: the persistent compilation cache (hit for the same program, miss
 for a changed one), profiler traces of chosen steps and the report that reads them."""
+import gzip
+import json
 import logging
 import os
 
@@ -91,3 +93,38 @@ def test_bad_profile_setting_is_an_error_before_any_write(tmp_path, demo_dir):
     train_and_evaluate(config_with(demo_dir, **RUN, **{"profile.first_step": 0,
                                                        "profile.steps": 1}), str(workdir))
   assert not workdir.exists()
+
+
+def test_report_of_a_gpu_shaped_trace(tmp_path):
+  """A trace laid out as XProf writes a GPU's: an 'XLA Ops' line (ops named by HLO, their
+  text in long_name, the program from the 'XLA Modules' line) and a stream line with the
+  same ops' kernels. Two steps of 10 us: the split is exact, overlaps count once."""
+  meta = lambda tid, name: {"ph": "M", "pid": 1, "tid": tid, "name": "thread_name",
+                            "args": {"name": name}}
+  op = lambda tid, name, ts, dur, **args: {"ph": "X", "pid": 1, "tid": tid, "name": name,
+                                           "ts": ts, "dur": dur, "args": args}
+  events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            meta(1, "XLA Modules"), meta(2, "XLA Ops"), meta(3, "Stream #1")]
+  for t0 in (0.0, 10.0):
+    events += [
+        op(1, "jit_step", t0, 9.0),
+        op(2, "fusion.1", t0, 2.0, long_name="%fusion.1 = f32[8]{0} fusion(f32[8]{0} %dot.2)"),
+        op(2, "custom-call.3", t0 + 2, 3.0, long_name='%custom-call.3 = (bf16[8]{0}, u8[0]{0}) '
+           'custom-call(bf16[8]{0} %a), custom_call_target="__cudnn$fmhaSoftmax"'),
+        op(2, "gemm_fusion.4", t0 + 5, 2.0),
+        op(2, "all-reduce.5", t0 + 6, 3.0),  # 1 us beside the gemm, 2 us exposed
+        op(3, "sm90_kernel_xyz", t0 + 5, 2.0, hlo_op="gemm_fusion.4", hlo_module="jit_step"),
+    ]
+  events.append(op(2, "copy.9", 19.5, 0.5, hlo_module="jit_other"))  # another program
+  path = tmp_path / "tensorboard" / "plugins" / "profile" / "2026_01_01_00_00_00"
+  path.mkdir(parents=True)
+  with gzip.open(path / trace_report.TRACE_NAME, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  report = trace_report.analyse(str(tmp_path))
+  assert (report.device, report.module, report.steps) == ("/device:GPU:0", "jit_step", 2)
+  assert report.step_us == pytest.approx(10.0)
+  assert report.split_us == pytest.approx({
+      "attention": 3.0, "matmuls": 2.0, "elementwise/fusions": 2.0, "collectives": 2.0,
+      "other programs": 0.25, "host waits": 0.75})
+  assert [(name, cat) for name, cat, _, _ in report.top[:2]] == [
+      ("custom-call.3", "attention"), ("all-reduce.5", "collectives")]
