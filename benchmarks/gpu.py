@@ -148,7 +148,10 @@ def matmul_flops_per_s(n: int, repeats: int) -> float:
 
 
 def time_steps(steps: list[Step], repeats: int, n: int) -> list[float]:
-  """Median seconds per step of each, timed round-robin (each round starts one later)."""
+  """Median seconds per step of each, timed round-robin (each round starts one later) after
+  an untimed round: the first slot after a compile or a free ran slower (CPU smoke test)."""
+  for step in steps:
+    step.run(n)
   times = [[] for _ in steps]
   for r in range(repeats):
     for i in [(r + j) % len(steps) for j in range(len(steps))]:
@@ -235,7 +238,7 @@ def main() -> None:
   need = lambda variant: COMPILE_S.get(variant, 150)  # seconds a compile may take
   if args.smoke:
     batches, overrides = [8] * len(variants), SMOKE
-    args.repeats, args.steps, args.matmul, args.attention = 2, 2, 256, "xla"
+    args.repeats, args.steps, args.matmul, args.attention = 3, 2, 256, "xla"
     need = lambda variant: 5
   device = jax.devices()[0]
   print(f"{jax.device_count()} x {device.device_kind} ({device.platform}), jax {jax.__version__}"

@@ -37,15 +37,14 @@ class StepTracer:
   """Starts a trace before the first chosen step and stops it once the last one has finished
   on the device (its outputs are ready), so the trace holds whole steps."""
 
-  def __init__(self, profile: ml_collections.ConfigDict | None, workdir: str):
-    wanted = profile is not None and profile.steps > 0 and (
-        profile.all_processes or jax.process_index() == 0)
+  def __init__(self, profile: ml_collections.ConfigDict, workdir: str):
+    wanted = profile.steps > 0 and (profile.all_processes or jax.process_index() == 0)
     self._start = profile.first_step - 1 if wanted else -1  # the state's step before them
     self._stop = profile.first_step + profile.steps - 1 if wanted else -1  # after them
     self._dir = trace_dir(workdir)
     self._active = False
 
-  def before(self, step: int, previous_outputs=None) -> None:
+  def before(self, step: int, previous_outputs) -> None:
     """Called before the train step from state step `step`; `previous_outputs` are the last
     step's (waited for, so that the trace does not start mid-step)."""
     if step == self._start:
