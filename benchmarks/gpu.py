@@ -338,7 +338,7 @@ def main() -> None:
     base_s, seconds = time_steps([base, step], args.repeats, args.steps)
     print(describe(base, base_s, matmul, peak, None), flush=True)
     print(describe(step, seconds, matmul, peak, None)
-          + f"; {base_s / seconds:.2f}x the shipped step's speed, compiled in "
+          + f"; {base_s / seconds:.2f}x the shipped step's speed, built in "
           f"{step.compile_s:.0f} s", flush=True)
     del step
     gc.collect()

@@ -13,7 +13,9 @@
 # lacks grain, tensorflow-datasets, ml-collections, simplejpeg and a few of their needs:
 # `bash benchmarks/gpu_wheels.sh` downloads them here into .whl/ (~30 MB; carry it to the
 # device with the run), and this script installs them (--no-deps) when an import is missing.
-# mae_jax itself is imported from this checkout (PYTHONPATH), not installed.
+# mae_jax itself is imported from this checkout (PYTHONPATH), not installed. With the device
+# tool: bash benchmarks/gpu_wheels.sh here, then run `bash benchmarks/gpu.sh` there with
+# carry [".whl"] and a timeout of ~540 s ($OUT is the tool's; everything comes back in it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_out}"
