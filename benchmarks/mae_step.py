@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from configs import base
-from mae_jax import model_config, models, sharding
+from mae_jax import model_config, models, optim, sharding
 from mae_jax.metrics import train_flops_per_image
 from mae_jax.tasks.pretrain import PretrainTask
 from mae_jax.trainer import abstract_state, create_state, make_train_step
@@ -66,13 +66,17 @@ def attend_folded(q, k, v, attention="auto"):
 ATTENDS = {"einsum": attend_einsum, "folded": attend_folded}
 
 
-def build(config, batch: int) -> tuple[Callable, dict, dict]:
-  """The trainer's jitted step (not yet compiled), its train state and a batch of images."""
+def build(config, batch: int, mu_dtype: str | None = None) -> tuple[Callable, dict, dict]:
+  """The trainer's jitted step (not yet compiled), its train state and a batch of images;
+  `mu_dtype`: AdamW's first moment in that dtype (optim.make_optimizer)."""
   run_config = base.get_config().unlock()
   run_config.model.update(config.to_dict())
   task = PretrainTask(run_config)  # the recipe's AdamW, as in a real run
   mesh = sharding.make_mesh()
   schedule, tx = task.optimizer(1e-4, 0, 1000)
+  if mu_dtype:
+    tx = optim.make_optimizer(schedule, weight_decay=run_config.weight_decay, b1=run_config.b1,
+                              b2=run_config.b2, mu_dtype=mu_dtype)
   state = create_state(task, tx, jax.random.key(0), mesh)
   step = make_train_step(task, tx, schedule, mesh, abstract_state(task, tx))
   images = {"image": jax.device_put(

@@ -74,6 +74,17 @@ def run_config(task: str, *, epochs: float, warmup_epochs: float, batch_size: in
   config.keep_checkpoints = 3
   # Evaluators (mae_jax/evals): each runs every `every_steps` steps and at the end.
   config.evals = ml_collections.ConfigDict()
+
+  # Start-up and diagnostics; free to change when a run resumes.
+  # XLA's persistent compilation cache (mae_jax/compile_cache.py): None for
+  # $JAX_COMPILATION_CACHE_DIR or ~/.cache/mae_jax/xla, '' for off, or a directory (on
+  # several hosts one they all see: only process 0 writes entries).
+  config.compilation_cache_dir = ml_collections.config_dict.placeholder(str)
+  # A jax.profiler trace of `steps` train steps from `first_step` (numbered as the logs do)
+  # into WORKDIR/tensorboard/plugins/profile/ (mae_jax/profiling.py), on process 0 or on
+  # every process; read it with `python -m mae_jax.trace_report WORKDIR`.
+  config.profile = ml_collections.ConfigDict(dict(steps=0, first_step=10,
+                                                  all_processes=False))
   return config
 
 

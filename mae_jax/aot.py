@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
-from mae_jax import metrics, sharding, tasks
+from mae_jax import compile_cache, metrics, sharding, tasks
 from mae_jax.topology import GiB, Slice, compile_devices, parse_slice
 from mae_jax.trainer.step import abstract_state, check_batch, make_train_step
 
@@ -287,6 +287,9 @@ def main(argv):
   # This machine's accelerators are not used: the step is compiled for the slice's chips.
   jax.config.update("jax_platforms", "cpu")
   config = FLAGS.config
+  # Off: libtpu's compile-only client writes cache entries but cannot load them (JAX 0.10.2:
+  # "PjRtCompiler must be constructed with a Client"), so each would be a warning and a compile.
+  compile_cache.enable("")
   try:
     check_request(config, FLAGS.topology, FLAGS.find_max_batch, FLAGS.batch_resolution)
     planner = Planner(config, FLAGS.topology)

@@ -18,7 +18,7 @@ from absl import logging as absl_logging
 import jax
 from ml_collections import config_flags
 
-from mae_jax import trainer
+from mae_jax import compile_cache, trainer
 
 FLAGS = flags.FLAGS
 
@@ -107,6 +107,7 @@ def main(argv: list[str]) -> None:
   # Our progress at INFO; libraries (Orbax logs every save at INFO) at WARNING.
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("mae_jax").setLevel(logging.INFO)
+  compile_cache.enable(FLAGS.config.get("compilation_cache_dir"))
   if FLAGS.cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
   if FLAGS.jax_distributed or FLAGS.coordinator_address:

@@ -36,9 +36,12 @@ def weight_decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(schedule: optax.Schedule, *, weight_decay: float, b1: float, b2: float
-                   ) -> optax.GradientTransformation:
-  return optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=weight_decay_mask)
+def make_optimizer(schedule: optax.Schedule, *, weight_decay: float, b1: float, b2: float,
+                   mu_dtype: str | None = None) -> optax.GradientTransformation:
+  """The recipe's AdamW; `mu_dtype` stores the first moment in another dtype (None: the
+  parameters' float32; benchmarks/gpu.py times 'bfloat16')."""
+  return optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=weight_decay_mask,
+                     mu_dtype=mu_dtype)
 
 
 def lars_direction(weight_decay: float, trust_coefficient: float

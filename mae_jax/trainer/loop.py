@@ -24,7 +24,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from mae_jax import checkpointing, evals, metrics as metrics_lib, models, sharding, storage, tasks
+from mae_jax import (checkpointing, compile_cache, evals, metrics as metrics_lib, models,
+                     profiling, sharding, storage, tasks)
 from mae_jax.data import pipeline
 from mae_jax.trainer.setup import (Plan, check_resumable, checkpoint_config,
                                    plan_and_optimizer, run_signature)
@@ -97,6 +98,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   models.attention_implementation(model["attention"], model["dtype"], jax.devices()[0])
   check_batch(config.batch_size, jax.device_count(), config.grad_accum_steps)
   storage.check(workdir, "workdir")
+  profiling.check(config.profile)
   if storage.path(workdir).is_file():
     raise ValueError(f"workdir {workdir!r} is a file; it must be a directory that every host "
                      "sees (a shared filesystem, or a bucket: gs://bucket/path)")
@@ -145,6 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   flops = task.flops_per_example()
   flops = flops * config.batch_size if flops else None
   peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
+  tracer = profiling.StepTracer(config.profile, workdir)
   results = {}
   try:
     step = first_step = int(state["step"])
@@ -179,9 +182,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
       batch = next(data_iter)
       waited += time.perf_counter() - wait_start
       skipped += int(batch["skipped"].sum())
-      state, step_metrics = train_step(state, pipeline.to_global_array(
-          {k: batch[k] for k in task.batch_keys}, batch_sharding))
+      global_batch = pipeline.to_global_array({k: batch[k] for k in task.batch_keys},
+                                              batch_sharding)
+      tracer.before(step, state)
+      with compile_cache.watch("train step", enabled=step == first_step):
+        state, step_metrics = train_step(state, global_batch)
       step += 1
+      tracer.after(step, step_metrics)
       if previous is not None:  # check the previous step while this one runs
         checked(*previous)
       previous = (step, step_metrics)
@@ -226,6 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
       log_summary(workdir, first_step, step, time.perf_counter() - start, losses,
                   ckpt.latest_step())
   finally:
+    tracer.close()
     preemption.close()
     writer.close()
     ckpt.close()
