@@ -397,7 +397,8 @@ def test_every_config_field_must_match_except_the_free_ones(demo_dir):
           "input.normalize_on_device": False, "model.dtype": "bfloat16",
           "model.attention": "xla", "fsdp": 2, "grad_accum_steps": 2, "stop_at_step": 7,
           "eval_only": True, "evals.reconstruction.every_steps": 3, "log_every_steps": 9,
-          "checkpoint_every_steps": 9, "keep_checkpoints": 1}
+          "checkpoint_every_steps": 9, "keep_checkpoints": 1, "compilation_cache_dir": "/c",
+          "profile.steps": 2}
   assert config_diff(saved, set_fields(config, **free)) == {}
   assert all(is_free(k) for k in free)
 

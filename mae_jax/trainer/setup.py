@@ -53,8 +53,8 @@ def plan_and_optimizer(config: ml_collections.ConfigDict, task: Task, num_exampl
 
 # Config fields a resumed run may change: where the data lives and how it is read, how the
 # model computes (the float32 weights are the same), how the step is laid out over hosts and
-# devices, what is logged, saved and evaluated, and where this invocation stops. A prefix
-# ('evals') frees every field below it. Every other field of the config must keep its saved
+# devices, what is logged, traced, saved and evaluated, where compiled programs are
+# cached, and where this invocation stops. A prefix ('evals') frees every field below it. Every other field of the config must keep its saved
 # value: a new hyperparameter is covered without being listed anywhere.
 # normalize_on_device only moves the normalise (host and device agree to 1e-6).
 # grad_accum_steps changes how the global batch is split, not the update (MAE's masks are
@@ -64,7 +64,8 @@ FREE_FIELDS = (
     "input.read_threads", "input.read_buffer", "input.normalize_on_device",
     *(f"model.{k}" for k in COMPUTE_FIELDS),
     "fsdp", "grad_accum_steps", "stop_at_step", "eval_only", "evals", "best_metric",
-    "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+    "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "compilation_cache_dir",
+    "profile",
 )
 
 
