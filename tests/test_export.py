@@ -360,8 +360,8 @@ def test_classifier_export_command_reads_every_source(tmp_path, capsys):
     assert export.main([src, str(tmp_path / dst), "--format", fmt, *flags]) == 0
     out = capsys.readouterr().out
     assert "classifier: 8 classes, pool 'cls'" in out
-    if fmt == "timm":  # else timm would drop the head, its class count unlike the variant's
-      assert "model.safetensors', num_classes=8)" in out
+    if fmt == "timm":  # timm reads config.json: head, sizes, preprocessing
+      assert f"timm.create_model('local-dir:{tmp_path / dst}', pretrained=True)" in out
     written = str(tmp_path / dst / "model.safetensors" if fmt == "timm" else tmp_path / dst)
     back = read.read(written, num_heads=4)
     assert_trees_equal(back.params, model.params)

@@ -197,16 +197,7 @@ def how_to_load(weights: Weights, fmt: str, dst: str, encoder_only: bool = False
     cls = ("ViTForImageClassification" if weights.kind == "classifier"
            else "ViTMAEModel" if encoder_only else "ViTMAEForPreTraining")
     return f"transformers.{cls}.from_pretrained({dst!r})"
-  if fmt == "timm":
-    meta = timm_config(weights)
-    args = "".join(f", {k}={v!r}" for k, v in meta.get("model_args", {}).items())
-    file = os.path.join(dst, "model.safetensors")
-    if weights.kind != "classifier":
-      return (f"timm.create_model({meta['architecture']!r}, pretrained=True, num_classes=0, "
-              f"pretrained_cfg_overlay=dict(file={file!r}){args})")
-    # timm drops a head whose class count differs from the pretrained_cfg's: say it there too.
-    n = weights.num_classes
-    return (f"timm.create_model({meta['architecture']!r}, pretrained=True, num_classes={n}, "
-            f"pretrained_cfg_overlay=dict(file={file!r}, num_classes={n}){args})")
+  if fmt == "timm":  # timm reads DST/config.json: architecture, sizes, head, preprocessing
+    return f"timm.create_model({'local-dir:' + dst!r}, pretrained=True)"
   names_of = "models_vit.py" if weights.kind == "classifier" else "models_mae.py"
   return f"torch.load({dst!r}, weights_only=True)['model']  ({names_of} names)"
