@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import ViTMAEForPreTraining, ViTMAEModel
+from transformers import AutoImageProcessor, ViTMAEForPreTraining, ViTMAEModel
 
 import convert_fixtures as fx
 from mae_jax import (checkpointing, encode, export, init_params,
@@ -97,6 +97,10 @@ def test_hf_export_matches_transformers(params, tmp_path):
   print(f"pred rel err {pred_err:.2e}, loss rel err {loss_err:.2e}")
   assert pred_err < 1e-4 and loss_err < 1e-4
 
+  # Its image processor: mae_jax's evaluation view (resize 36, crop 32, ImageNet's mean/std).
+  processor = AutoImageProcessor.from_pretrained(tmp_path / "mae")
+  assert (processor.size["shortest_edge"], processor.crop_size["height"]) == (36, 32)
+
   export_mae(params, CONFIG, tmp_path / "encoder", "hf", encoder_only=True)
   encoder, info = ViTMAEModel.from_pretrained(tmp_path / "encoder", mask_ratio=0.0,
                                               output_loading_info=True)
@@ -143,8 +147,8 @@ def test_timm_has_the_keys_of_its_vision_transformer(params, tmp_path):
                         ("H/14", "vit_huge_patch14_224")]:
     meta = write.timm_config(Weights("mae", {}, model_config(variant)))
     assert meta["architecture"] == name and "model_args" not in meta
-  assert write.timm_config(Weights("mae", {}, model_config("B/16", image_size=448)))["model_args"] == \
-      {"img_size": 448}
+  large = Weights("mae", {}, model_config("B/16", image_size=448))
+  assert write.timm_config(large)["model_args"] == {"img_size": 448}
 
 
 def test_timm_features_match(params, tmp_path):
@@ -365,6 +369,9 @@ def test_classifier_export_command_reads_every_source(tmp_path, capsys):
     written = str(tmp_path / dst / "model.safetensors" if fmt == "timm" else tmp_path / dst)
     back = read.read(written, num_heads=4)
     assert_trees_equal(back.params, model.params)
+  # Sources that name no classes (a .pth; a workdir from before names were recorded): LABEL_i.
+  with open(tmp_path / "hf" / "config.json") as f:
+    assert json.load(f)["id2label"]["7"] == "LABEL_7"
   # A source that says its head count is not overridden by the flag.
   with pytest.raises(SystemExit) as e:
     export.main([steps[0][0], str(tmp_path / "new"), "--format", "official", "--num_heads", "8"])

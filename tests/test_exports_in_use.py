@@ -4,7 +4,7 @@ names as mae_jax's own evaluation does; its image processor is mae_jax's evaluat
 linear probe exports as a classifier with the probe's logits; timm gets the same view."""
 import json
 import os
-import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +106,19 @@ def test_checkpoints_record_the_class_names_and_exports_carry_them(finetuned):
   assert meta["id2label"] == {str(i): n for i, n in enumerate(CLASSES)}
   assert meta["label2id"] == {n: i for i, n in enumerate(CLASSES)}
   assert sources.class_names(sources.DigitsSource("test")) == [str(i) for i in range(10)]
+  # A Hugging Face export read back keeps the names and the run's normalisation.
+  back = read.read(dst)
+  assert back.class_names == CLASSES and back.view == preprocess.View(32, MEAN, STD)
+
+
+def test_tfds_sources_name_their_classes():
+  import tensorflow_datasets as tfds
+
+  class Source:  # what tfds' data sources carry
+    dataset_info = types.SimpleNamespace(features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(), "label": tfds.features.ClassLabel(names=CLASSES)}))
+
+  assert sources.class_names(Source()) == CLASSES
 
 
 def test_transformers_pipeline_classifies_files_as_mae_jax_evaluates(finetuned, folder):

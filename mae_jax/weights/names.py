@@ -174,6 +174,10 @@ _OUTER = {r.reference: r.hub for r in (PATCH_EMBED, CLS_TOKEN, POS_EMBED, FINAL_
                                        *DECODER_END, HEAD)}
 _OUTER_BACK = {hub: ref for ref, hub in _OUTER.items()}
 _BLOCK = {r.reference: r.hub for r in BLOCK}
+# A block's hub modules -> the reference's, the thirds of the fused qkv as attn.q, attn.k, attn.v.
+_BLOCK_BACK = {r.hub: r.reference for r in BLOCK if "{}" not in r.hub}
+_BLOCK_BACK.update({f"attention.attention.{third}": f"attn.{letter}"
+                    for third, letter in zip(QKV, "qkv")})
 _LAYERS = {layers[1].format(""): layers[2].format("") for layers in (ENCODER_LAYERS,
                                                                       DECODER_LAYERS)}
 _LAYERS_BACK = {hub: ref for ref, hub in _LAYERS.items()}
@@ -201,6 +205,7 @@ def hub_name(key: str) -> str:
 def reference_name(key: str) -> str:
   """A hub key (or a transformers 5.x one, with or without `vit.`) -> the reference's key,
   with the thirds of qkv as `attn.q`, `attn.k`, `attn.v`; unknown keys unchanged."""
+  given = key
   if key.startswith(("embeddings.", "encoder.", "layernorm.", "layers.")):
     key = "vit." + key  # a ViTMAEModel's
   module, suffix = _SUFFIX.fullmatch(key).groups()
@@ -209,14 +214,9 @@ def reference_name(key: str) -> str:
   if m:
     layers = m[1][:-1]
     layers = HUB_LAYER_ALIASES.get(layers, layers) + "."
-    part = HUB_BLOCK_ALIASES.get(m[3], m[3])
-    for r in BLOCK:
-      for third, letter in zip(QKV, "qkv") if "{}" in r.hub else ((None, None),):
-        if part == (r.hub.format(third) if third else r.hub):
-          name = f"attn.{letter}" if letter else r.reference
-          return f"{_LAYERS_BACK[layers]}{m[2]}.{name}{suffix}"
-    return key
-  return _OUTER_BACK[module] + suffix if module in _OUTER_BACK else key
+    part = _BLOCK_BACK.get(HUB_BLOCK_ALIASES.get(m[3], m[3]))
+    return f"{_LAYERS_BACK[layers]}{m[2]}.{part}{suffix}" if part else given
+  return _OUTER_BACK[module] + suffix if module in _OUTER_BACK else given
 
 
 def from_hub(sd: StateDict) -> StateDict:

@@ -56,7 +56,7 @@ class Weights(NamedTuple):
   pool: str | None = None  # a classifier's: 'avg' (fc_norm) or 'cls'
   class_names: list[str] | None = None  # in label order, where the source names them
   view: preprocess.View | None = None  # the evaluation view the weights were trained for
-  stated: tuple[str, ...] = ()  # the config fields the source states (not filled in)
+  stated: tuple[str, ...] = ()  # a classifier's config fields the source states (not filled in)
   task: str | None = None  # the mae_jax task that wrote the checkpoint
 
 
@@ -244,11 +244,11 @@ def _read_classifier(sd: StateDict, path: str, stated: dict[str, Any], num_heads
     if heads is None:
       raise ValueError(f"{path}: width {width} is none of the paper's variants "
                        f"({sorted(PAPER_HEADS)}), so its head count is unknown; pass --num_heads")
+    image_size, mlp_dim = _grid(sd, path) * conv.shape[2], sd["blocks.0.mlp.fc1.weight"].shape[0]
     try:
       encoder = ViTConfig(
-          image_size=_grid(sd, path) * conv.shape[2], patch_size=conv.shape[2],
-          channels=conv.shape[1], width=width, depth=_num_blocks(sd, "blocks"), num_heads=heads,
-          mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / width,
+          image_size=image_size, patch_size=conv.shape[2], channels=conv.shape[1], width=width,
+          depth=_num_blocks(sd, "blocks"), num_heads=heads, mlp_ratio=mlp_dim / width,
           layer_norm_eps=stated.get("layer_norm_eps", layer_norm_eps or PTH_EPS))
     except (ValueError, TypeError) as e:
       raise ValueError(f"{path}: not a classifier mae_jax can represent ({e})") from None
@@ -271,8 +271,7 @@ def _read_checkpoint(path: str, meta: dict[str, Any], config: ModelConfig | None
     if config is not None:
       _check_config(config, _arch_of(saved, "decoder" not in params), path)
     view = preprocess.run_view(saved.image_size, meta.get("config"))
-    return Weights("mae", params, config if config is not None else saved, view=view,
-                   stated=ARCH_FIELDS, task=task)
+    return Weights("mae", params, config if config is not None else saved, view=view, task=task)
   if task not in ("finetune", "linear_probe"):
     raise ValueError(f"{path} is a checkpoint of task {task!r}, which holds no weights to read")
   model = dict(meta["model"])
