@@ -19,7 +19,7 @@ from transformers import AutoImageProcessor, ViTMAEForPreTraining, ViTMAEModel
 import convert_fixtures as fx
 from mae_jax import (checkpointing, encode, export, init_params,
                      load_pretrained, mae_apply, unpatchify)
-from mae_jax.classifier import Classifier, init_classifier
+from mae_jax.classifier import Classifier, init_classifier, interpolate_pos_embed
 from mae_jax.config import model_config
 from mae_jax.data import pipeline
 from mae_jax.posemb import sincos_2d
@@ -345,6 +345,19 @@ def test_classifier_round_trip_through_the_finetune_task_is_bitwise(tmp_path, de
   assert (back.config, back.num_classes, back.pool) == (TINY, 8, pool)
   assert back.class_names == (LABELS if fmt == "hf" else None)
   assert_trees_equal(back.params, model.params)
+
+
+def test_a_classifier_of_another_image_size_starts_with_resized_position_embeddings(
+    tmp_path, demo_dir):
+  model = fine_tuned("cls")
+  write.write(model, "official", tmp_path / "ft.pth")
+  task = make_task(finetune_config(demo_dir, str(tmp_path / "ft.pth"), pool="cls",
+                                   **{"model.image_size": 48}))
+  params, _ = task.apply_init(task.load_init(str(tmp_path / "ft.pth")),
+                              *task.init(jax.random.key(0)))
+  np.testing.assert_array_equal(params["encoder"]["pos_embed"], interpolate_pos_embed(
+      model.params["encoder"]["pos_embed"], 6))  # 4 x 4 patches -> 6 x 6
+  assert_trees_equal(params["head"], model.params["head"])
 
 
 def test_classifier_export_command_reads_every_source(tmp_path, capsys):
