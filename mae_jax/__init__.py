@@ -11,6 +11,6 @@ __all__ = ["ModelConfig", "model_config", "MAEOutput", "encode", "init_params", 
 def __getattr__(name):
   # load_pretrained pulls in the checkpoint readers; import them only when asked for.
   if name == "load_pretrained":
-    from mae_jax.convert import load_pretrained
+    from mae_jax.weights import load_pretrained
     return load_pretrained
   raise AttributeError(f"module 'mae_jax' has no attribute {name!r}")

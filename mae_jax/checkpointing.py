@@ -120,17 +120,17 @@ def saved_meta(path: str) -> dict[str, Any] | None:
   return json.loads((_step_dir(path) / "config" / "metadata").read_text())
 
 
-def read_task_params(path: str, target: Params) -> Params:
-  """The params of a training step (as `saved_meta` finds it); `target`: their abstract
-  shapes (the task's model)."""
+def read_task_params(path: str, target: Params, item: str = "params") -> Params:
+  """The params (or another `item` of the train state, e.g. 'model_state') of a training step
+  (as `saved_meta` finds it); `target`: their abstract shapes (the task's model)."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = {"params": jax.tree.map(
+  target = {item: jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)}
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     restored = ckptr.restore(_step_dir(path), ocp.args.Composite(state=ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)))
-  return restored["state"]["params"]
+  return restored["state"][item]
 
 
 def read_saved_run(workdir: str) -> dict[str, Any] | None:

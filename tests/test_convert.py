@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 import convert_fixtures as fx
 from mae_jax import convert, encode, load_pretrained, mae_apply, model_config
 from mae_jax.models import Block
+from mae_jax.weights import torch_zip
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _rng = np.random.RandomState(0)
@@ -313,7 +314,7 @@ def test_safe_load_torch_rebuilds_tensors(tmp_path):
              "bool": base > 0, "param": torch.nn.Parameter(base[2]), "empty": torch.zeros(0, 3)}
   torch.save({**tensors, "nested": [base[3], (1, "a")], "args": argparse.Namespace(lr=0.1)},
              tmp_path / "t.pth")
-  got = convert.safe_load_torch(tmp_path / "t.pth")
+  got = torch_zip.safe_load_torch(tmp_path / "t.pth")
   for key, t in tensors.items():
     want = t.detach().float().numpy() if key == "bf16" else t.detach().numpy()
     assert got[key].shape == want.shape and got[key].dtype.itemsize == t.element_size(), key
@@ -330,7 +331,7 @@ def test_safe_load_torch_rebuilds_tensors(tmp_path):
       dst.writestr(item, data[:8] if item.filename.endswith("/data/0") else data)
   with pytest.raises(pickle.UnpicklingError,
                      match="short.pth: storage 0 has 8 bytes, not the 96 of 24 float32"):
-    convert.safe_load_torch(tmp_path / "short.pth")
+    torch_zip.safe_load_torch(tmp_path / "short.pth")
 
 
 def test_training_checkpoint_args_and_metadata_load(tmp_path):
@@ -339,7 +340,7 @@ def test_training_checkpoint_args_and_metadata_load(tmp_path):
   torch.save({"model": model.state_dict(), "epoch": 3, "empty": argparse.Namespace(),
               "args": argparse.Namespace(mask_ratio=0.5, norm_pix_loss=True, lr=1e-3)},
              tmp_path / "checkpoint-3.pth")
-  first, second = (convert.safe_load_torch(tmp_path / "checkpoint-3.pth") for _ in range(2))
+  first, second = (torch_zip.safe_load_torch(tmp_path / "checkpoint-3.pth") for _ in range(2))
   args = first["args"]
   assert isinstance(args, argparse.Namespace) and args.mask_ratio == 0.5 and args.norm_pix_loss
   assert vars(args) == {"mask_ratio": 0.5, "norm_pix_loss": True, "lr": 1e-3}
@@ -376,10 +377,10 @@ def build(target: str, state, new: bool = False) -> bytes:
 def test_pickle_build_cannot_change_shared_objects(tmp_path, target, state):
   path = write_pth(tmp_path / "build.pth", build(target, state))
   with pytest.raises(pickle.UnpicklingError, match=f"refusing to set the state of {target}"):
-    convert.safe_load_torch(path)
+    torch_zip.safe_load_torch(path)
   assert argparse.ArgumentParser().parse_args([]) == argparse.Namespace()
   assert repr(argparse.Namespace(a=1)) == "Namespace(a=1)"
-  assert vars(convert._rebuild_tensor) == {} and convert._rebuild_tensor.__defaults__ is None
+  assert vars(torch_zip._rebuild_tensor) == {} and torch_zip._rebuild_tensor.__defaults__ is None
 
 
 @pytest.mark.parametrize("state,error", [
@@ -389,9 +390,9 @@ def test_pickle_build_cannot_change_shared_objects(tmp_path, target, state):
 def test_pickle_build_only_sets_attributes_of_new_objects(tmp_path, state, error):
   path = write_pth(tmp_path / "new.pth", build("argparse.Namespace", state, new=True))
   with pytest.raises(pickle.UnpicklingError, match=error):
-    convert.safe_load_torch(path)
+    torch_zip.safe_load_torch(path)
   path = write_pth(tmp_path / "ok.pth", build("argparse.Namespace", {"lr": 1}, new=True))
-  assert convert.safe_load_torch(path) == argparse.Namespace(lr=1)
+  assert torch_zip.safe_load_torch(path) == argparse.Namespace(lr=1)
 
 
 def test_pickle_extension_codes_are_refused(tmp_path):
@@ -400,7 +401,7 @@ def test_pickle_extension_codes_are_refused(tmp_path):
   try:
     assert pickle.loads(b"\x80\x02\x82\xf0.") is os.getcwd  # cached for the whole process
     with pytest.raises(pickle.UnpicklingError, match="refusing a pickle extension code"):
-      convert.safe_load_torch(write_pth(tmp_path / "ext.pth", b"\x80\x02\x82\xf0)R."))
+      torch_zip.safe_load_torch(write_pth(tmp_path / "ext.pth", b"\x80\x02\x82\xf0)R."))
   finally:
     copyreg.remove_extension("os", "getcwd", 240)
 
@@ -463,7 +464,7 @@ def test_every_allowed_global_loads(tmp_path):
   used = {arg.replace(" ", ".") for op, arg, _ in pickletools.genops(pkl)
           if op.name == "GLOBAL"}
   assert used == ALLOWED_GLOBALS
-  got = convert.safe_load_torch(tmp_path / "all.pth")
+  got = torch_zip.safe_load_torch(tmp_path / "all.pth")
   for kind, t in tensors.items():
     want = t.float() if kind == "bfloat16" else t
     np.testing.assert_array_equal(got["tensors"][kind].astype(want.numpy().dtype), want.numpy())
@@ -479,7 +480,7 @@ def test_gadget_globals_are_refused(tmp_path, opcode):
   for target in GADGETS:
     path = write_pth(tmp_path / "gadget.pth", global_pickle(target, opcode))
     try:
-      convert.safe_load_torch(path)
+      torch_zip.safe_load_torch(path)
       admitted.append(target)
     except pickle.UnpicklingError as e:
       module, name = target.rsplit(".", 1) if opcode == "GLOBAL" else target.split(".", 1)
@@ -492,7 +493,7 @@ def test_allowlist_is_exactly_the_expected_globals():
   allowlist is admitted."""
   buffer = io.BytesIO()
   zipfile.ZipFile(buffer, "w").close()
-  unpickler = convert._RestrictedUnpickler(io.BytesIO(), zipfile.ZipFile(buffer), "")
+  unpickler = torch_zip._RestrictedUnpickler(io.BytesIO(), zipfile.ZipFile(buffer), "")
   candidates = {(m, n) for m, module in list(sys.modules.items())
                 for n in list(getattr(module, "__dict__", {}))}
   candidates |= {tuple(g.rsplit(".", 1)) for g in ALLOWED_GLOBALS}
@@ -514,11 +515,11 @@ def test_tiny_files_cannot_claim_huge_memory(tmp_path):
   for name in ("expanded", "overlap"):
     with pytest.raises(pickle.UnpicklingError, match="expanded or overlapping tensors are not "
                                                      "supported"):
-      convert.safe_load_torch(tmp_path / f"{name}.pth")
+      torch_zip.safe_load_torch(tmp_path / f"{name}.pth")
   # A protocol 5 bytearray's declared size would be allocated before reading it.
   path = write_pth(tmp_path / "bytearray.pth", b"\x80\x05\x96" + struct.pack("<Q", 2**50) + b".")
   with pytest.raises(pickle.UnpicklingError, match="refusing a protocol 5 bytearray"):
-    convert.safe_load_torch(path)
+    torch_zip.safe_load_torch(path)
 
 
 def test_zip_entries_must_be_stored_and_sized(tmp_path):
@@ -528,15 +529,15 @@ def test_zip_entries_must_be_stored_and_sized(tmp_path):
   # Deflate could make a tiny entry expand to gigabytes; torch never compresses.
   path = write_pth(tmp_path / "deflated.pth", pkl, [storage], zipfile.ZIP_DEFLATED)
   with pytest.raises(pickle.UnpicklingError, match="archive/data.pkl is compressed"):
-    convert.safe_load_torch(path)
+    torch_zip.safe_load_torch(path)
   with zipfile.ZipFile(path, "w") as z:
     z.writestr("archive/data.pkl", pkl)
     z.writestr("archive/data/0", storage, zipfile.ZIP_DEFLATED)
   with pytest.raises(pickle.UnpicklingError, match="archive/data/0 is compressed"):
-    convert.safe_load_torch(path)
+    torch_zip.safe_load_torch(path)
   path = write_pth(tmp_path / "long.pth", pkl, [storage + bytes(8)])
   with pytest.raises(pickle.UnpicklingError, match="storage 0 has 32 bytes, not the 24 of 6 "):
-    convert.safe_load_torch(path)
+    torch_zip.safe_load_torch(path)
   # A central directory listing the same data thrice: overlapping entries outsize the file.
   with zipfile.ZipFile(tmp_path / "overlap.pth", "w") as z:
     z.writestr("archive/data.pkl", pkl)
@@ -544,8 +545,8 @@ def test_zip_entries_must_be_stored_and_sized(tmp_path):
     z.filelist += [copy.copy(z.getinfo("archive/data/0")) for _ in range(2)]
   with pytest.raises(ValueError, match="overlap.pth: not a torch checkpoint \\(its zip entries "
                                        "overlap\\)"):
-    convert.safe_load_torch(tmp_path / "overlap.pth")
-  assert convert.safe_load_torch(write_pth(tmp_path / "ok.pth", pkl, [storage]))["w"].sum() == 6
+    torch_zip.safe_load_torch(tmp_path / "overlap.pth")
+  assert torch_zip.safe_load_torch(write_pth(tmp_path / "ok.pth", pkl, [storage]))["w"].sum() == 6
 
 
 def test_command_line_converts_and_never_overwrites(hub_dir, pth, tmp_path, capsys):

@@ -14,15 +14,17 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import ViTMAEForPreTraining, ViTMAEModel
+from transformers import AutoImageProcessor, ViTMAEForPreTraining, ViTMAEModel
 
 import convert_fixtures as fx
-from mae_jax import (checkpointing, classifier_export, encode, export, init_params,
+from mae_jax import (checkpointing, encode, export, init_params,
                      load_pretrained, mae_apply, unpatchify)
-from mae_jax.classifier import Classifier, init_classifier
+from mae_jax.classifier import Classifier, init_classifier, interpolate_pos_embed
 from mae_jax.config import model_config
 from mae_jax.data import pipeline
 from mae_jax.posemb import sincos_2d
+from mae_jax.weights import read, write
+from mae_jax.weights.read import Weights
 from mae_jax.tasks import make_task
 from mae_jax.trainer import train_and_evaluate
 from test_convert import IMAGES, NOISE, assert_trees_equal, rel_err, tiny_config
@@ -40,6 +42,10 @@ def random_params(config, seed=0):
 
 
 CONFIG = tiny_config(layer_norm_eps=1e-6, norm_pix_loss=True)
+
+
+def export_mae(params, config, dst, fmt, encoder_only=False):
+  return write.write(Weights("mae", params, config), fmt, dst, encoder_only)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +87,7 @@ def official_keys(d, depth, dd, ddepth, c, p, n):
 
 
 def test_hf_export_matches_transformers(params, tmp_path):
-  export.export(params, CONFIG, tmp_path / "mae", "hf")
+  export_mae(params, CONFIG, tmp_path / "mae", "hf")
   model, info = ViTMAEForPreTraining.from_pretrained(tmp_path / "mae", output_loading_info=True)
   assert not any(info.values()), info
   loss, logits, mask = fx.pretraining_outputs(model.eval(), IMAGES, NOISE)
@@ -91,7 +97,11 @@ def test_hf_export_matches_transformers(params, tmp_path):
   print(f"pred rel err {pred_err:.2e}, loss rel err {loss_err:.2e}")
   assert pred_err < 1e-4 and loss_err < 1e-4
 
-  export.export(params, CONFIG, tmp_path / "encoder", "hf", encoder_only=True)
+  # Its image processor: mae_jax's evaluation view (resize 36, crop 32, ImageNet's mean/std).
+  processor = AutoImageProcessor.from_pretrained(tmp_path / "mae")
+  assert (processor.size["shortest_edge"], processor.crop_size["height"]) == (36, 32)
+
+  export_mae(params, CONFIG, tmp_path / "encoder", "hf", encoder_only=True)
   encoder, info = ViTMAEModel.from_pretrained(tmp_path / "encoder", mask_ratio=0.0,
                                               output_loading_info=True)
   assert not any(info.values()), info
@@ -103,8 +113,8 @@ def test_hf_export_matches_transformers(params, tmp_path):
 
 def test_official_has_the_reference_keys_and_loads_in_torch(params, tmp_path):
   d, p, n = CONFIG.width, CONFIG.patch_size, CONFIG.num_patches
-  export.export(params, CONFIG, tmp_path / "mae.pth", "official")
-  export.export(params, CONFIG, tmp_path / "encoder.pth", "official", encoder_only=True)
+  export_mae(params, CONFIG, tmp_path / "mae.pth", "official")
+  export_mae(params, CONFIG, tmp_path / "encoder.pth", "official", encoder_only=True)
   for name, want in [("mae.pth", official_keys(d, 2, 32, 2, 3, p, n)),
                      ("encoder.pth", reference_keys(d, 2, 3, p, n))]:
     checkpoint = torch.load(tmp_path / name, weights_only=True)
@@ -119,7 +129,7 @@ def test_official_has_the_reference_keys_and_loads_in_torch(params, tmp_path):
 
 
 def test_timm_has_the_keys_of_its_vision_transformer(params, tmp_path):
-  export.export(params, CONFIG, tmp_path / "timm", "timm", encoder_only=True)
+  export_mae(params, CONFIG, tmp_path / "timm", "timm", encoder_only=True)
   with safe_open(tmp_path / "timm" / "model.safetensors", "np") as f:
     got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
   # timm's VisionTransformer with num_classes=0 (head and fc_norm are Identity: no keys).
@@ -135,17 +145,17 @@ def test_timm_has_the_keys_of_its_vision_transformer(params, tmp_path):
   # The paper's variants by their own names, with nothing to override.
   for variant, name in [("B/16", "vit_base_patch16_224"), ("L/16", "vit_large_patch16_224"),
                         ("H/14", "vit_huge_patch14_224")]:
-    meta = export.timm_config(model_config(variant))
+    meta = write.timm_config(Weights("mae", {}, model_config(variant)))
     assert meta["architecture"] == name and "model_args" not in meta
-  assert export.timm_config(model_config("B/16", image_size=448))["model_args"] == \
-      {"img_size": 448}
+  large = Weights("mae", {}, model_config("B/16", image_size=448))
+  assert write.timm_config(large)["model_args"] == {"img_size": 448}
 
 
 def test_timm_features_match(params, tmp_path):
   timm = pytest.importorskip("timm", reason="timm is not importable in this project's test "
                                             "environment (it needs torchvision, whose CPU "
                                             "build is missing)")
-  export.export(params, CONFIG, tmp_path / "timm", "timm", encoder_only=True)
+  export_mae(params, CONFIG, tmp_path / "timm", "timm", encoder_only=True)
   with open(tmp_path / "timm" / "config.json") as f:
     meta = json.load(f)
   model = timm.create_model(
@@ -163,7 +173,7 @@ def test_timm_features_match(params, tmp_path):
                                               ("official", False), ("official", True)])
 def test_round_trip_is_bitwise(params, tmp_path, fmt, encoder_only):
   dst = tmp_path / ("out.pth" if fmt == "official" else "out")
-  export.export(params, CONFIG, dst, fmt, encoder_only)
+  export_mae(params, CONFIG, dst, fmt, encoder_only)
   src = dst / "model.safetensors" if fmt == "timm" else dst
   got, config = load_pretrained(src, None if fmt == "hf" else CONFIG)
   assert config == CONFIG
@@ -173,12 +183,12 @@ def test_round_trip_is_bitwise(params, tmp_path, fmt, encoder_only):
 def test_official_without_torch_is_the_same_file_format(params, tmp_path, monkeypatch):
   """Where torch is missing, the .pth is written as torch.save's zip, read by both readers."""
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
-  export.export(params, CONFIG, tmp_path / "no_torch.pth", "official")
+  export_mae(params, CONFIG, tmp_path / "no_torch.pth", "official")
   monkeypatch.undo()
   with zipfile.ZipFile(tmp_path / "no_torch.pth") as z:  # torch.save names entries after the file
     assert z.namelist()[0] == "archive/data.pkl"
   assert_trees_equal(load_pretrained(tmp_path / "no_torch.pth", CONFIG)[0], params)
-  export.export(params, CONFIG, tmp_path / "torch.pth", "official")
+  export_mae(params, CONFIG, tmp_path / "torch.pth", "official")
   want = torch.load(tmp_path / "torch.pth", weights_only=True)["model"]
   got = torch.load(tmp_path / "no_torch.pth", weights_only=True)["model"]
   assert list(got) == list(want)
@@ -193,10 +203,10 @@ def listing(path):
 
 def test_refusals_come_before_any_write(params, tmp_path, capsys):
   dst = tmp_path / "taken"
-  export.export(params, CONFIG, dst, "hf")
+  export_mae(params, CONFIG, dst, "hf")
   before = listing(tmp_path)
   with pytest.raises(FileExistsError, match="taken exists; refusing to overwrite"):
-    export.export(params, CONFIG, dst, "official")
+    export_mae(params, CONFIG, dst, "official")
   encoder = {"encoder": params["encoder"]}
   eps = tiny_config(layer_norm_eps=1e-12)
   for args, error in [
@@ -211,13 +221,14 @@ def test_refusals_come_before_any_write(params, tmp_path, capsys):
       ((params, CONFIG, "onnx"), "unknown format 'onnx'")]:
     params_, config, fmt, *encoder_only = args
     with pytest.raises(ValueError, match=error):
-      export.export(params_, config, tmp_path / "new", fmt, *encoder_only)
+      export_mae(params_, config, tmp_path / "new", fmt, *encoder_only)
   assert listing(tmp_path) == before
 
-  # The command line: the same checks, exit status 2 for an existing DST, 1 for the rest.
+  # The command line: the same checks, each one line on stderr with exit status 1.
   with pytest.raises(SystemExit) as e:
     export.main([str(dst), str(dst), "--format", "hf"])
-  assert e.value.code == 2 and "refusing to overwrite" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert e.value.code == 1 and err == f"error: {dst} exists; refusing to overwrite it\n", err
   with pytest.raises(SystemExit) as e:
     export.main([str(dst), str(tmp_path / "new"), "--format", "timm"])
   assert e.value.code == 1 and "holds no MAE decoder" in capsys.readouterr().err
@@ -258,7 +269,7 @@ def fine_tuned(pool, encoder=TINY, seed=0):
   rng = np.random.RandomState(seed)
   params = jax.tree.unflatten(tree, [np.asarray(x) + 0.1 * rng.randn(*x.shape).astype(np.float32)
                                      for x in leaves])
-  return classifier_export.FineTuned(params, encoder, 8, pool, LABELS)
+  return Weights("classifier", params, encoder, 8, pool, LABELS)
 
 
 def classifier_keys(pool, d=64, depth=2, c=3, p=8, n=16, classes=8):
@@ -276,7 +287,7 @@ def classifier_keys(pool, d=64, depth=2, c=3, p=8, n=16, classes=8):
 def test_classifier_hf_export_gives_the_logits_of_transformers(tmp_path):
   from transformers import ViTForImageClassification
   model = fine_tuned("cls")
-  classifier_export.export_classifier(model, tmp_path / "hf", "hf")
+  write.write(model, "hf", tmp_path / "hf")
   hf, info = ViTForImageClassification.from_pretrained(tmp_path / "hf",
                                                        output_loading_info=True)
   assert not any(info.values()), info
@@ -292,7 +303,7 @@ def test_classifier_hf_export_gives_the_logits_of_transformers(tmp_path):
 def test_classifier_official_and_timm_have_the_reference_keys(tmp_path):
   for pool in ("avg", "cls"):
     model = fine_tuned(pool)
-    classifier_export.export_classifier(model, tmp_path / f"{pool}.pth", "official")
+    write.write(model, "official", tmp_path / f"{pool}.pth")
     checkpoint = torch.load(tmp_path / f"{pool}.pth", weights_only=True)
     assert list(checkpoint) == ["model"]
     sd = checkpoint["model"]
@@ -302,7 +313,7 @@ def test_classifier_official_and_timm_have_the_reference_keys(tmp_path):
     np.testing.assert_array_equal(sd["pos_embed"].numpy(), model.params["encoder"]["pos_embed"])
     assert not np.allclose(sd["pos_embed"].numpy(), sincos_2d(64, 4, cls_token=True)[None])
 
-    classifier_export.export_classifier(model, tmp_path / f"timm_{pool}", "timm")
+    write.write(model, "timm", tmp_path / f"timm_{pool}")
     with safe_open(tmp_path / f"timm_{pool}" / "model.safetensors", "np") as f:
       got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     assert got == classifier_keys(pool)
@@ -324,16 +335,29 @@ def test_classifier_round_trip_through_the_finetune_task_is_bitwise(tmp_path, de
                                                                     pool):
   model = fine_tuned(pool)
   dst = tmp_path / ("out.pth" if fmt == "official" else "out")
-  classifier_export.export_classifier(model, dst, fmt)
+  write.write(model, fmt, dst)
   src = str(dst / "model.safetensors" if fmt == "timm" else dst)
   task = make_task(finetune_config(demo_dir, src, pool=pool))
   kind, params = task.load_init(src)
   assert kind == "classifier"
   assert_trees_equal(params, model.params)
-  back = classifier_export.read_classifier(src, num_heads=None if fmt == "hf" else 4)
-  assert (back.encoder, back.num_classes, back.pool) == (TINY, 8, pool)
-  assert back.labels == (LABELS if fmt == "hf" else None)
+  back = read.read(src, num_heads=None if fmt == "hf" else 4)
+  assert (back.config, back.num_classes, back.pool) == (TINY, 8, pool)
+  assert back.class_names == (LABELS if fmt == "hf" else None)
   assert_trees_equal(back.params, model.params)
+
+
+def test_a_classifier_of_another_image_size_starts_with_resized_position_embeddings(
+    tmp_path, demo_dir):
+  model = fine_tuned("cls")
+  write.write(model, "official", tmp_path / "ft.pth")
+  task = make_task(finetune_config(demo_dir, str(tmp_path / "ft.pth"), pool="cls",
+                                   **{"model.image_size": 48}))
+  params, _ = task.apply_init(task.load_init(str(tmp_path / "ft.pth")),
+                              *task.init(jax.random.key(0)))
+  np.testing.assert_array_equal(params["encoder"]["pos_embed"], interpolate_pos_embed(
+      model.params["encoder"]["pos_embed"], 6))  # 4 x 4 patches -> 6 x 6
+  assert_trees_equal(params["head"], model.params["head"])
 
 
 def test_classifier_export_command_reads_every_source(tmp_path, capsys):
@@ -353,11 +377,14 @@ def test_classifier_export_command_reads_every_source(tmp_path, capsys):
     assert export.main([src, str(tmp_path / dst), "--format", fmt, *flags]) == 0
     out = capsys.readouterr().out
     assert "classifier: 8 classes, pool 'cls'" in out
-    if fmt == "timm":  # else timm would drop the head, its class count unlike the variant's
-      assert "model.safetensors', num_classes=8)" in out
+    if fmt == "timm":  # timm reads config.json: head, sizes, preprocessing
+      assert f"timm.create_model('local-dir:{tmp_path / dst}', pretrained=True)" in out
     written = str(tmp_path / dst / "model.safetensors" if fmt == "timm" else tmp_path / dst)
-    back = classifier_export.read_classifier(written, num_heads=4)
+    back = read.read(written, num_heads=4)
     assert_trees_equal(back.params, model.params)
+  # Sources that name no classes (a .pth; a workdir from before names were recorded): LABEL_i.
+  with open(tmp_path / "hf" / "config.json") as f:
+    assert json.load(f)["id2label"]["7"] == "LABEL_7"
   # A source that says its head count is not overridden by the flag.
   with pytest.raises(SystemExit) as e:
     export.main([steps[0][0], str(tmp_path / "new"), "--format", "official", "--num_heads", "8"])
@@ -368,12 +395,12 @@ def test_classifier_export_command_reads_every_source(tmp_path, capsys):
 
 def test_classifier_refusals_come_before_any_write(tmp_path, capsys):
   avg, cls = fine_tuned("avg"), fine_tuned("cls")
-  classifier_export.export_classifier(avg, tmp_path / "avg.pth", "official")
+  write.write(avg, "official", tmp_path / "avg.pth")
   before = listing(tmp_path)
   with pytest.raises(FileExistsError, match="avg.pth exists; refusing to overwrite"):
-    classifier_export.export_classifier(cls, tmp_path / "avg.pth", "timm")
+    write.write(cls, "timm", tmp_path / "avg.pth")
   with pytest.raises(ValueError, match="gs://b/ft: export writes to a local disk"):
-    classifier_export.export_classifier(cls, "gs://b/ft", "timm")
+    write.write(cls, "timm", "gs://b/ft")
   eps = fine_tuned("cls", dataclasses.replace(TINY, layer_norm_eps=1e-12))
   for model, fmt, encoder_only, error in [
       (avg, "hf", False, "pools globally .* use --format timm or --format official"),
@@ -382,7 +409,7 @@ def test_classifier_refusals_come_before_any_write(tmp_path, capsys):
       (eps, "timm", False, "layer_norm_eps is 1e-12, but timm's model"),
       (cls, "onnx", False, "unknown format 'onnx'")]:
     with pytest.raises(ValueError, match=error):
-      classifier_export.export_classifier(model, tmp_path / "new", fmt, encoder_only)
+      write.write(model, fmt, tmp_path / "new", encoder_only)
   assert listing(tmp_path) == before
 
   # The command line: one line naming the problem, exit status 1, nothing written.

@@ -195,6 +195,20 @@ def class_count(source: Any) -> int | None:
   return getattr(info.features["label"], "num_classes", None)
 
 
+def class_names(source: Any) -> list[str] | None:
+  """The names of a source's label classes in label order (an image folder's directory names,
+  a tfds ClassLabel's names, "0".."9" for the digits), or None where it names none."""
+  if isinstance(source, ImageFolderSource):
+    return list(source.classes)
+  if isinstance(source, DigitsSource):
+    return [str(i) for i in range(source.num_classes)]
+  info = getattr(source, "dataset_info", None)  # a tfds data source
+  if info is None or "label" not in info.features.keys():
+    return None
+  names = getattr(info.features["label"], "names", None)
+  return list(names) if names else None
+
+
 def check_num_classes(num_classes: int, source: Any, what: str) -> None:
   """A classification task needs labels, and as many classes as the dataset has."""
   found = class_count(source)

@@ -7,7 +7,8 @@ loop with preemption, non-finite checks, metrics, checkpoints and evaluators.
 from __future__ import annotations
 
 import abc
-from typing import Any, NamedTuple
+import json
+from typing import Any, NamedTuple, Sequence
 
 import grain
 import jax
@@ -20,6 +21,15 @@ from mae_jax.data import pipeline
 Params = Any  # a pytree of float32 arrays, the trained parameters
 ModelState = dict[str, Any]  # what the model carries but is not trained ({} for most tasks)
 Batch = dict[str, jax.Array]
+
+
+def field_diff(saved: dict[str, Any], current: dict[str, Any], free: Sequence[str] = ()
+               ) -> dict[str, tuple[Any, Any]]:
+  """{field: (saved, current)} for each field of `saved` that `current` holds otherwise, the
+  `free` ones aside. Both JSON-normalised (tuples as lists), as a checkpoint stores them."""
+  current = json.loads(json.dumps(current))
+  return {k: (v, current.get(k)) for k, v in json.loads(json.dumps(saved)).items()
+          if k not in free and current.get(k) != v}
 
 
 class Aux(NamedTuple):
@@ -54,6 +64,12 @@ class Task(abc.ABC):
   def load_init(self, path: str) -> Any:
     """Reads `config.init_from` (before anything is written); checks it fits this model."""
     raise ValueError(f"task {self.name!r} does not take config.init_from")
+
+  def class_names(self) -> list[str] | None:
+    """The names of the classes a classifying task learns, in label order, as its training
+    data names them (saved with each checkpoint, so exports label their outputs); None for
+    tasks that do not classify, or data without names. Known once `train_source` ran."""
+    return None
 
   def apply_init(self, loaded: Any, params: Params, model_state: ModelState
                  ) -> tuple[Params, ModelState]:

@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mae_jax import checkpointing, classifier, classifier_format, mixup, optim
+from mae_jax import classifier, mixup, optim
 from mae_jax.config import COMPUTE_FIELDS
 from mae_jax.data import sources
 from mae_jax.mae import Params
 from mae_jax.posemb import sincos_2d
-from mae_jax.tasks.base import Aux, Batch, ModelState, Task
+from mae_jax.tasks.base import Aux, Batch, ModelState, Task, field_diff
 from mae_jax.tasks.linear_probe import RANDOM, vit_config_from
 
 NO_WEIGHT_DECAY = ("encoder/cls_token", "encoder/pos_embed")  # besides every 1-D parameter
@@ -47,6 +47,7 @@ class FinetuneTask(Task):
     super().__init__(config)
     self.encoder = vit_config_from(config)
     self.num_classes, self.pool = config.num_classes, config.pool
+    self._class_names: list[str] | None = None  # the training data's, once it is read
     if self.pool not in classifier.POOLS:
       raise ValueError(f"config.pool must be one of {classifier.POOLS}, got {self.pool!r}")
     if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) \
@@ -76,46 +77,48 @@ class FinetuneTask(Task):
 
   # --- init_from ---
   def load_init(self, path: str) -> tuple[str, Any] | None:
-    """('classifier', params) from a fine-tuned file (an mae_jax fine-tuning checkpoint such
-    as WORKDIR/best, an official .pth, a Hugging Face directory), or ('encoder', (params,
-    ViTConfig)) from a pretrained MAE; checked against the config before anything is
-    written."""
+    """('classifier', params) from a fine-tuned classifier (an mae_jax fine-tuning checkpoint
+    such as WORKDIR/best, an official .pth, a Hugging Face directory), or ('encoder', (params,
+    ViTConfig)) from a pretrained MAE; checked against the config before anything is written.
+    The image size may differ: position embeddings are resized to the config's grid."""
     if path == RANDOM:
       logging.getLogger(__name__).warning("fine-tuning a RANDOMLY initialised ViT "
                                           "(init_from=%r): training from scratch", RANDOM)
       return None
-    abstract = jax.eval_shape(self.init, jax.random.key(0))[0]
-    meta = checkpointing.saved_meta(path)
-    if meta is not None and meta.get("task") == self.name:  # e.g. WORKDIR/best
-      from mae_jax.trainer.setup import model_diff  # the trainer imports the tasks
-      diff = model_diff(self, meta["model"])
-      if diff:
-        raise ValueError(f"init_from {path} holds another classifier than the config; "
-                         f"(checkpoint, config): {diff}")
-      return "classifier", checkpointing.read_task_params(path, abstract)
-    loaded = classifier_format.load_classifier(path, abstract, self.pool, self.num_classes)
-    if loaded is not None:
-      params, found = loaded  # found: what a Hugging Face config.json says besides shapes
-      diff = {k: (v, getattr(self.encoder, k)) for k, v in found.items()
-              if getattr(self.encoder, k) != v}
+    from mae_jax.weights import read  # the file readers, only when asked for
+    # What a .pth cannot say (heads, eps) is taken from the config.
+    loaded = read.read(path, num_heads=self.encoder.num_heads,
+                       layer_norm_eps=self.encoder.layer_norm_eps)
+    free = (*COMPUTE_FIELDS, "image_size")
+    if loaded.kind == "mae":
+      diff = field_diff(loaded.config.encoder.to_dict(), self.encoder.to_dict(), free)
       if diff:
         raise ValueError(f"init_from {path} holds another encoder than config.model; "
                          f"(checkpoint, config): {diff}")
-      return "classifier", params
-    from mae_jax.convert import load_pretrained  # the file readers, only when asked for
-    params, config = load_pretrained(path)
-    diff = {k: (v, getattr(self.encoder, k)) for k, v in config.encoder.to_dict().items()
-            if k not in (*COMPUTE_FIELDS, "image_size") and getattr(self.encoder, k) != v}
+      return "encoder", (loaded.params["encoder"], loaded.config.encoder)
+    if loaded.num_classes != self.num_classes:
+      raise ValueError(f"init_from {path} classifies {loaded.num_classes} classes, "
+                       f"config.num_classes is {self.num_classes}")
+    if loaded.config.width != self.encoder.width:
+      raise ValueError(f"init_from {path} holds another classifier than the config: width "
+                       f"{loaded.config.width}, config.model.width {self.encoder.width}")
+    if loaded.pool != self.pool:
+      raise ValueError(f"init_from {path} is a classifier with pool {loaded.pool!r}, "
+                       f"config.pool is {self.pool!r}")
+    diff = field_diff(loaded.config.to_dict(), self.encoder.to_dict(), free)
     if diff:
-      raise ValueError(f"init_from {path} holds another encoder than config.model; "
+      raise ValueError(f"init_from {path} holds another classifier than the config; "
                        f"(checkpoint, config): {diff}")
-    return "encoder", (params["encoder"], config.encoder)
+    return "classifier", loaded.params
 
   def apply_init(self, loaded: tuple[str, Any], params: Params, model_state: ModelState
                  ) -> tuple[Params, ModelState]:
     kind, value = loaded
-    if kind == "classifier":
-      return value, model_state
+    if kind == "classifier":  # its position embeddings resized to this grid
+      pos = classifier.interpolate_pos_embed(value["encoder"]["pos_embed"],
+                                             self.encoder.grid_size)
+      return {**value, "encoder": {**value["encoder"], "pos_embed": jnp.asarray(pos)}}, \
+          model_state
     encoder, config = value
     # The pretrained encoder's fixed sin-cos table, resized to this grid: the start of the
     # trained position embeddings (as the reference loads and interpolates `pos_embed`).
@@ -130,7 +133,11 @@ class FinetuneTask(Task):
   def train_source(self):
     source = super().train_source()
     sources.check_num_classes(self.num_classes, source, f"split {self.config.input.split!r}")
+    self._class_names = sources.class_names(source)
     return source
+
+  def class_names(self) -> list[str] | None:
+    return self._class_names
 
   # --- loss ---
   def prepare_batch(self, batch: Batch, rng: jax.Array) -> Batch:

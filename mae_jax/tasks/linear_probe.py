@@ -16,14 +16,13 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mae_jax import optim
+from mae_jax import linear_head, optim
 from mae_jax.config import COMPUTE_FIELDS, ENCODER_FIELDS, ViTConfig
 from mae_jax.data import sources
+from mae_jax.linear_head import BN_EPS, BN_MOMENTUM
 from mae_jax.mae import POOLS, Params, features, init_encoder_params
-from mae_jax.tasks.base import Aux, Batch, ModelState, Task
+from mae_jax.tasks.base import Aux, Batch, ModelState, Task, field_diff
 
-BN_EPS = 1e-6
-BN_MOMENTUM = 0.1  # PyTorch's: running = (1 - 0.1) * running + 0.1 * batch statistic
 HEAD_STD = 0.01  # trunc_normal_(std=0.01) cuts at +-2 absolute, 200 std: a plain normal
 
 RANDOM = "random"  # init_from value for the baseline: the encoder at its random init
@@ -50,6 +49,7 @@ class LinearProbeTask(Task):
     self.encoder = vit_config_from(config)
     self.num_classes = config.num_classes
     self.pool = config.pool
+    self._class_names: list[str] | None = None  # the training data's, once it is read
     if self.pool not in POOLS:
       raise ValueError(f"config.pool must be one of {POOLS}, got {self.pool!r}")
     if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) \
@@ -83,11 +83,10 @@ class LinearProbeTask(Task):
       logging.getLogger(__name__).warning("linear probe of a RANDOMLY initialised encoder "
                                           "(init_from=%r): a baseline", RANDOM)
       return None
-    from mae_jax.convert import load_pretrained  # the file readers, only when asked for
+    from mae_jax.weights import load_pretrained  # the file readers, only when asked for
     params, loaded = load_pretrained(path)
-    loaded = loaded.encoder.to_dict()
-    diff = {k: (v, getattr(self.encoder, k)) for k, v in loaded.items()
-            if k not in (*COMPUTE_FIELDS, "image_size") and getattr(self.encoder, k) != v}
+    diff = field_diff(loaded.encoder.to_dict(), self.encoder.to_dict(),
+                      free=(*COMPUTE_FIELDS, "image_size"))
     if diff:
       raise ValueError(f"init_from {path} holds another encoder than config.model; "
                        f"(checkpoint, config): {diff}")
@@ -100,7 +99,11 @@ class LinearProbeTask(Task):
   def train_source(self):
     source = super().train_source()
     sources.check_num_classes(self.num_classes, source, f"split {self.config.input.split!r}")
+    self._class_names = sources.class_names(source)
     return source
+
+  def class_names(self) -> list[str] | None:
+    return self._class_names
 
   def _features(self, model_state: ModelState, images: jax.Array) -> jax.Array:
     return jax.lax.stop_gradient(features(model_state["encoder"], images, self.encoder,
@@ -123,10 +126,8 @@ class LinearProbeTask(Task):
     return loss, Aux({"accuracy": accuracy}, {**model_state, "batch_stats": stats})
 
   def logits(self, params: Params, model_state: ModelState, images: jax.Array) -> jax.Array:
-    stats = model_state["batch_stats"]
-    x = (self._features(model_state, images) - stats["mean"]) * jax.lax.rsqrt(
-        stats["var"] + BN_EPS)
-    return x @ params["head"]["kernel"] + params["head"]["bias"]
+    return linear_head.logits(self._features(model_state, images), params["head"],
+                              model_state["batch_stats"])
 
   def features(self, params: Params, model_state: ModelState, images: jax.Array,
                pool: str | None = None) -> jax.Array:

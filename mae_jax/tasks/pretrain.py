@@ -40,10 +40,8 @@ class PretrainTask(Task):
   def load_init(self, path: str) -> Params:
     """Weights to start from (continued pretraining): an encoder-only file gives the
     encoder, with a freshly initialised decoder."""
-    from mae_jax.convert import load_pretrained  # the file readers, only when asked for
-    params, loaded = load_pretrained(path, self.model)
-    del loaded  # checked against self.model by load_pretrained
-    return params
+    from mae_jax.weights import load_pretrained  # the file readers, only when asked for
+    return load_pretrained(path, self.model)[0]  # checked against self.model
 
   def apply_init(self, loaded: Params, params: Params, model_state: ModelState
                  ) -> tuple[Params, ModelState]:

@@ -98,9 +98,12 @@ def run_signature(config: ml_collections.ConfigDict, plan: Plan, num_records: in
 
 def checkpoint_config(task: Task, run: dict[str, Any],
                       config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The JSON saved with every checkpoint: the task, its model and the run signature."""
+  """The JSON saved with every checkpoint: the task, its model, the run signature and, for a
+  classifier, the names of its classes (which exports label their outputs with)."""
+  names = task.class_names()
   return {"task": task.name, "model": task.model_dict(), "run": run,
-          "config": json.loads(config.to_json_best_effort())}
+          "config": json.loads(config.to_json_best_effort()),
+          **({"class_names": names} if names else {})}
 
 
 def model_diff(task: Task, saved_model: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -1,109 +1,15 @@
-"""Hugging Face ViTMAE format: key names and config.json, in both directions.
+"""Hugging Face config.json, both directions: ViTMAE (pretraining) and ViT (classifiers).
 
-One table of names maps the reference's (facebookresearch/mae) state-dict keys to those of the
-checkpoints on the hub (`facebook/vit-mae-base`): reading inverts it, writing applies it. The same
-holds for config.json: one table of fields, every value checked for type and range on reading,
-and written back from a ModelConfig.
+One table of fields: every value read is checked for type and range, and a ModelConfig is
+written back the same way.
 """
 from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any
 
-import numpy as np
-
-from mae_jax.config import ModelConfig
-
-StateDict = dict[str, np.ndarray]
-
-# Reference module name -> hub module name (a block's modules, after `blocks.N.`).
-_BLOCK = {"norm1": "layernorm_before", "attn.q": "attention.attention.query",
-          "attn.k": "attention.attention.key", "attn.v": "attention.attention.value",
-          "attn.proj": "attention.output.dense", "norm2": "layernorm_after",
-          "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
-# Outside the blocks, encoder (under `vit.` in a ViTMAEForPreTraining) and decoder.
-_ENCODER = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
-            "patch_embed.proj": "embeddings.patch_embeddings.projection", "norm": "layernorm"}
-_DECODER = {name: f"decoder.{name}" for name in ("mask_token", "decoder_pos_embed",
-                                                 "decoder_embed", "decoder_norm", "decoder_pred")}
-_LAYERS = {"blocks": "encoder.layer", "decoder_blocks": "decoder.decoder_layers"}
-
-# Other names of the same modules: transformers 5.x in-memory modules (`layers.N`, q_proj, ...)
-# and the `decoder.decoder_encoder.layer.N` that its save_pretrained writes.
-_LAYER_ALIASES = {"layers": "encoder.layer", "decoder.decoder_encoder.layer":
-                  "decoder.decoder_layers"}
-_BLOCK_ALIASES = {"attention.q_proj": "attention.attention.query",
-                  "attention.k_proj": "attention.attention.key",
-                  "attention.v_proj": "attention.attention.value",
-                  "attention.o_proj": "attention.output.dense",
-                  "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
-
-_PARAM = re.compile(r"(.+?)(\.weight|\.bias)?")
-_LAYER = re.compile(r"(encoder\.layer|decoder\.decoder_layers|layers|decoder\.decoder_encoder"
-                    r"\.layer)\.(\d+)\.(.+)")
-
-
-def is_hf(sd: StateDict) -> bool:
-  return any(k.startswith(("vit.embeddings.", "embeddings.")) for k in sd)
-
-
-def hub_name(key: str, pretraining: bool) -> str:
-  """A reference key -> its hub key; `pretraining`: in a ViTMAEForPreTraining (`vit.` prefix)."""
-  module, suffix = _PARAM.fullmatch(key).groups()
-  suffix = suffix or ""
-  prefix = "vit." if pretraining else ""
-  m = re.fullmatch(r"(blocks|decoder_blocks)\.(\d+)\.(.+)", module)
-  if m:
-    layer = f"{_LAYERS[m[1]]}.{m[2]}.{_BLOCK[m[3]]}{suffix}"
-    return layer if m[1] == "decoder_blocks" else prefix + layer
-  if module in _ENCODER:
-    return prefix + _ENCODER[module] + suffix
-  return _DECODER[module] + suffix
-
-
-_FROM_BLOCK = {hub: ref for ref, hub in _BLOCK.items()}
-_FROM_OTHER = {hub: ref for ref, hub in {**_ENCODER, **_DECODER}.items()}
-_FROM_LAYERS = {hub: ref for ref, hub in _LAYERS.items()}
-
-
-def reference_name(key: str) -> str:
-  """A hub key (or a transformers 5.x one) -> the reference's key; unknown keys unchanged."""
-  module, suffix = _PARAM.fullmatch(key.removeprefix("vit.")).groups()
-  suffix = suffix or ""
-  m = _LAYER.fullmatch(module)
-  if m:
-    layers, part = _LAYER_ALIASES.get(m[1], m[1]), _BLOCK_ALIASES.get(m[3], m[3])
-    if part in _FROM_BLOCK:
-      return f"{_FROM_LAYERS[layers]}.{m[2]}.{_FROM_BLOCK[part]}{suffix}"
-    return key
-  return _FROM_OTHER[module] + suffix if module in _FROM_OTHER else key
-
-
-def from_hf(sd: StateDict) -> StateDict:
-  """Hub keys -> the reference's, query/key/value fused into qkv ([3D, D], q first)."""
-  out = {reference_name(k): v for k, v in sd.items()}
-  for name in [k for k in out if re.search(r"\.attn\.q\.(weight|bias)$", k)]:
-    parts = [name.replace(".attn.q.", f".attn.{c}.") for c in "qkv"]
-    if all(p in out for p in parts):
-      out[name.replace(".attn.q.", ".attn.qkv.")] = np.concatenate([out.pop(p) for p in parts])
-  return out
-
-
-def to_hf(sd: StateDict, pretraining: bool) -> StateDict:
-  """Reference keys -> hub keys, qkv split into query, key, value."""
-  out = {}
-  for key, value in sd.items():
-    if ".attn.qkv." in key:
-      for c, part in zip("qkv", np.split(value, 3)):
-        out[hub_name(key.replace(".attn.qkv.", f".attn.{c}."), pretraining)] = part
-    else:
-      out[hub_name(key, pretraining)] = value
-  return out
-
-
-# --- config.json -------------------------------------------------------------------------------
+from mae_jax.config import ModelConfig, ViTConfig
 
 # ViTMAEConfig defaults, for fields a config.json leaves out.
 DEFAULTS = dict(model_type="vit_mae", hidden_size=768, num_hidden_layers=12,
@@ -130,15 +36,8 @@ def _is_real(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def read_config(path: str) -> dict[str, Any]:
-  """A ViTMAE config.json -> its fields (defaults filled in), each checked for type and range.
-
-  Raises a ValueError naming the file and the field. Sizes are checked against the weights
-  later, by `model_config`.
-  """
-  def fail(why: str):
-    raise ValueError(f"{path}: {why}; mae_jax cannot represent this model")
-
+def load_json(path: str) -> dict[str, Any]:
+  """A config.json's object; a ValueError for anything else, and for timm's config.json."""
   try:
     with open(path) as f:
       raw = json.load(f)
@@ -149,6 +48,17 @@ def read_config(path: str) -> dict[str, Any]:
   if "pretrained_cfg" in raw and "architecture" in raw:
     raise ValueError(f"{path} is timm's config.json, not a Hugging Face ViTMAE's; load the "
                      f"weights file itself: load_pretrained('DIR/model.safetensors', config)")
+  return raw
+
+
+def mae_fields(raw: dict[str, Any], path: str) -> dict[str, Any]:
+  """A ViTMAE config.json's object -> its fields (defaults filled in), each checked for type
+  and range. Raises a ValueError naming the file and the field. Sizes are checked against the
+  weights later, by `model_config`.
+  """
+  def fail(why: str):
+    raise ValueError(f"{path}: {why}; mae_jax cannot represent this model")
+
   hf = {**DEFAULTS, **raw}
   if hf["model_type"] != "vit_mae":
     fail(f"model_type is {hf['model_type']!r}, not 'vit_mae'")
@@ -225,3 +135,40 @@ def config_json(config: ModelConfig, pretraining: bool) -> dict[str, Any]:
   out.update(layer_norm_eps=config.layer_norm_eps, mask_ratio=config.mask_ratio,
              norm_pix_loss=config.norm_pix_loss)
   return out
+
+
+# --- ViTForImageClassification -----------------------------------------------------------------
+
+# transformers' ViTConfig defaults for the fields mae_jax reads from a classifier's config.json.
+VIT_DEFAULT_HEADS, VIT_DEFAULT_EPS = 12, 1e-12
+
+
+def vit_fields(raw: dict[str, Any], path: str) -> dict[str, Any]:
+  """What a ViTForImageClassification config.json says besides the weights' shapes:
+  num_heads, layer_norm_eps and, where it names every class, class_names."""
+  for key, want in (("hidden_act", "gelu"), ("qkv_bias", True)):
+    if raw.get(key, want) != want:
+      raise ValueError(f"{path}: {key} is {raw[key]!r}, mae_jax's ViT needs {want!r}")
+  return {"num_heads": raw.get("num_attention_heads", VIT_DEFAULT_HEADS),
+          "layer_norm_eps": raw.get("layer_norm_eps", VIT_DEFAULT_EPS),
+          "id2label": raw.get("id2label")}
+
+
+def class_names(id2label: Any, num_classes: int) -> list[str] | None:
+  """An id2label dict -> the names in class order, or None unless it names each class once."""
+  if not isinstance(id2label, dict) or set(id2label) != {str(i) for i in range(num_classes)}:
+    return None
+  return [str(id2label[str(i)]) for i in range(num_classes)]
+
+
+def classifier_json(encoder: ViTConfig, class_names: list[str]) -> dict[str, Any]:
+  """config.json of a ViTForImageClassification, with the class names."""
+  return {"architectures": ["ViTForImageClassification"], "model_type": "vit",
+          "hidden_size": encoder.width, "num_hidden_layers": encoder.depth,
+          "num_attention_heads": encoder.num_heads, "intermediate_size": encoder.mlp_dim,
+          "hidden_act": "gelu", "layer_norm_eps": encoder.layer_norm_eps,
+          "image_size": encoder.image_size, "patch_size": encoder.patch_size,
+          "num_channels": encoder.channels, "qkv_bias": True, "hidden_dropout_prob": 0.0,
+          "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02, "dtype": "float32",
+          "id2label": {str(i): name for i, name in enumerate(class_names)},
+          "label2id": {name: i for i, name in enumerate(class_names)}}
