@@ -111,6 +111,7 @@ def runs(tmp_path_factory):
       run(PRETRAIN, d["pre2"]),
       run(PROBE, d["probe2"], init_from=d["pre1"]),
       run(PROBE, d["probe_eval"], init_from=d["pre1"], eval_only=True),
+      run(PROBE, d["probe_pth"], init_from=pth),
       run(PROBE, d["probe_hf"], init_from=hf),
       run(FINETUNE, d["ft2"], init_from=d["pre1"]),
       run(FINETUNE, d["ft_eval"], init_from=os.path.join(d["ft1"], "best"), eval_only=True),
@@ -155,7 +156,7 @@ def test_linear_probe_on_two_processes_equals_one(runs):
 def test_init_from_an_official_pth_and_a_hugging_face_dir_on_two_processes(runs):
   """The exports of the 1-process MAE hold its weights: probes started from them on 2
   processes train as the one started from the workdir."""
-  for name in ("probe_hf",):
+  for name in ("probe_pth", "probe_hf"):
     np.testing.assert_allclose(list(logged(runs[name]).values()),
                                list(logged(runs["probe1"]).values()), rtol=1e-4)
     assert results(runs[name])["classification/top1"] == results(runs["probe1"])[

@@ -83,14 +83,18 @@ class LinearProbeTask(Task):
       logging.getLogger(__name__).warning("linear probe of a RANDOMLY initialised encoder "
                                           "(init_from=%r): a baseline", RANDOM)
       return None
-    from mae_jax.weights import load_pretrained  # the file readers, only when asked for
-    params, loaded = load_pretrained(path)
-    diff = field_diff(loaded.encoder.to_dict(), self.encoder.to_dict(),
+    from mae_jax.weights import read  # the file readers, only when asked for
+    # What a .pth cannot say (its head count) is the config's.
+    loaded = read.read(path, num_heads=self.encoder.num_heads)
+    if loaded.kind != "mae":
+      raise ValueError(f"init_from {path} is a fine-tuned classifier, not a pretrained MAE: a "
+                       "linear probe starts from an MAE's encoder")
+    diff = field_diff(loaded.config.encoder.to_dict(), self.encoder.to_dict(),
                       free=(*COMPUTE_FIELDS, "image_size"))
     if diff:
       raise ValueError(f"init_from {path} holds another encoder than config.model; "
                        f"(checkpoint, config): {diff}")
-    return params["encoder"]
+    return loaded.params["encoder"]
 
   def apply_init(self, loaded: Params, params: Params, model_state: ModelState
                  ) -> tuple[Params, ModelState]:

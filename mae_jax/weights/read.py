@@ -161,16 +161,18 @@ def _arch_of(config: ModelConfig, encoder_only: bool) -> dict[str, Any]:
           if not (encoder_only and f.startswith("decoder_"))}
 
 
-def _infer_config(arch: dict[str, Any], args: dict[str, Any], source: str) -> ModelConfig:
-  """A config for a reference state dict: sizes from shapes, heads of the paper's variants."""
+def _infer_config(arch: dict[str, Any], args: dict[str, Any], source: str,
+                  num_heads: int | None = None) -> ModelConfig:
+  """A config for a reference state dict: sizes from shapes, `num_heads` heads (else the
+  paper's variants')."""
   width = arch["width"]
-  if width not in PAPER_HEADS:
+  if num_heads is None and width not in PAPER_HEADS:
     raise ValueError(f"{source}: width {width} is none of the paper's variants "
                      f"({sorted(PAPER_HEADS)}), so its head count is unknown; pass a config, "
                      f"e.g. load_pretrained(path, model_config(..., num_heads=N))")
   fields = dict(image_size=arch["image_size"], patch_size=arch["patch_size"],
                 channels=arch["channels"], width=width, depth=arch["depth"],
-                num_heads=PAPER_HEADS[width], mlp_ratio=arch["mlp_dim"] / width)
+                num_heads=num_heads or PAPER_HEADS[width], mlp_ratio=arch["mlp_dim"] / width)
   if "decoder_width" in arch:
     fields.update(decoder_width=arch["decoder_width"], decoder_depth=arch["decoder_depth"],
                   decoder_num_heads=PAPER_DECODER_HEADS)
@@ -206,8 +208,9 @@ def _check_posemb(sd: StateDict, config: ModelConfig, rows: list[names.Row], sou
 
 
 def _read_mae(sd: StateDict, args: dict[str, Any], path: str, config: ModelConfig | None,
-              hf: tuple[dict[str, Any], str] | None) -> Weights:
-  """A reference-named MAE state dict -> Weights; `hf`: (config.json's fields, its path)."""
+              hf: tuple[dict[str, Any], str] | None, num_heads: int | None = None) -> Weights:
+  """A reference-named MAE state dict -> Weights; `hf`: (config.json's fields, its path);
+  `num_heads`: the encoder's, where neither `config` nor the file says it."""
   arch, encoder_only = _mae_architecture(sd, path)
   if hf is not None:
     hf_cfg = hf_config.model_config(hf[0], arch, hf[1])  # checked against the weights
@@ -217,7 +220,7 @@ def _read_mae(sd: StateDict, args: dict[str, Any], path: str, config: ModelConfi
   elif config is not None:
     _check_config(config, arch, path)
   else:
-    config = _infer_config(arch, args, path)
+    config = _infer_config(arch, args, path, num_heads)
   rows = names.mae_rows(config.depth, 0 if encoder_only else config.decoder_depth)
   _check_posemb(sd, config, rows, path)
   params = _check_shapes(names.from_reference(sd, rows),
@@ -327,8 +330,9 @@ def read(path: str | os.PathLike[str], config: ModelConfig | None = None, *,
   `config` is for an MAE: it supplies what a file cannot say (a `.pth` holds no head count) and
   is checked against what the file does say (sizes, and heads where the file records them); its
   training options (mask_ratio, norm_pix_loss, layer_norm_eps, dtype) are kept. Without it, a
-  `.pth` gets the paper's head counts for its width. For a classifier file that cannot say them
-  (a `.pth`), `num_heads` (else the paper's) and `layer_norm_eps` (else 1e-6) fill them in;
+  `.pth` gets `num_heads` (else the paper's head count for its width). For a classifier file
+  that cannot say them (a `.pth`), `num_heads` (else the paper's) and `layer_norm_eps` (else
+  1e-6) fill them in;
   `Weights.stated` names what the source itself says.
   """
   path = os.fspath(path)
@@ -364,7 +368,7 @@ def read(path: str | os.PathLike[str], config: ModelConfig | None = None, *,
     weights = _read_classifier(sd, path, stated, num_heads, layer_norm_eps, class_names)
   else:
     hf = None if raw is None else (hf_config.mae_fields(raw, json_path), json_path)
-    weights = _read_mae(sd, args, path, config, hf)
+    weights = _read_mae(sd, args, path, config, hf, num_heads)
   if raw is not None:
     weights = weights._replace(view=preprocess.hf_view(directory, weights.view))
   return weights
