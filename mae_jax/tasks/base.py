@@ -73,7 +73,9 @@ class Task(abc.ABC):
 
   def apply_init(self, loaded: Any, params: Params, model_state: ModelState
                  ) -> tuple[Params, ModelState]:
-    """Puts what `load_init` read into freshly initialised (params, model_state)."""
+    """Puts what `load_init` read into freshly initialised (params, model_state). Runs
+    inside the jitted function that builds the state (`loaded`'s arrays are traced): host
+    work on the loaded weights belongs in `load_init`."""
     raise NotImplementedError
 
   # --- The loss. ---

@@ -109,16 +109,17 @@ class FinetuneTask(Task):
     if diff:
       raise ValueError(f"init_from {path} holds another classifier than the config; "
                        f"(checkpoint, config): {diff}")
-    return "classifier", loaded.params
+    # Its position embeddings resized to this grid, here on the host: `apply_init` runs
+    # inside the jitted function that builds the state.
+    encoder = loaded.params["encoder"]
+    pos = classifier.interpolate_pos_embed(encoder["pos_embed"], self.encoder.grid_size)
+    return "classifier", {**loaded.params, "encoder": {**encoder, "pos_embed": pos}}
 
   def apply_init(self, loaded: tuple[str, Any], params: Params, model_state: ModelState
                  ) -> tuple[Params, ModelState]:
     kind, value = loaded
-    if kind == "classifier":  # its position embeddings resized to this grid
-      pos = classifier.interpolate_pos_embed(value["encoder"]["pos_embed"],
-                                             self.encoder.grid_size)
-      return {**value, "encoder": {**value["encoder"], "pos_embed": jnp.asarray(pos)}}, \
-          model_state
+    if kind == "classifier":  # as read, position embeddings already on this grid
+      return value, model_state
     encoder, config = value
     # The pretrained encoder's fixed sin-cos table, resized to this grid: the start of the
     # trained position embeddings (as the reference loads and interpolates `pos_embed`).
