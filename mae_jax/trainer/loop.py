@@ -102,7 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   init_from = config.get("init_from")
   loaded = task.load_init(init_from) if init_from and saved is None else None
   loader = task.train_loader(source)
-  mesh = sharding.make_mesh(config.fsdp)
+  mesh = sharding.make_mesh(config.fsdp, num_slices=config.num_slices)
   evaluators = evals.make_evaluators(config, task, mesh)
   best_metric = config.get("best_metric")  # e.g. 'classification/top1' (fine-tuning)
   if best_metric and best_metric.split("/")[0] not in {e.name for e in evaluators}:
