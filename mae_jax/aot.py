@@ -314,8 +314,10 @@ def format_dcn(r: Report, compute_seconds: float | None) -> str:
   text += (f", {r.dcn_seconds * 1e3:.3g} ms at {r.dcn_gbps:g} Gbit/s per host of "
            f"{r.chips_per_host} chips")
   if compute_seconds:
-    bound = "DCN-bound" if r.dcn_seconds > compute_seconds else "compute-bound"
-    text += f": {r.dcn_seconds / compute_seconds:.3g}x the compute at peak, {bound}"
+    ratio = r.dcn_seconds / compute_seconds
+    bound = "DCN-bound" if ratio > 1 else "compute-bound"
+    text += f": {ratio:.3g}x" if ratio < 100 else f": {ratio:.0f}x"
+    text += f" the compute at peak, {bound}"
   return text
 
 
