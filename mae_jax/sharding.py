@@ -10,6 +10,7 @@ gradients' all-reduce over 'slice' crosses the DCN. One slice is a 'slice' axis 
 """
 from __future__ import annotations
 
+import collections
 from typing import Sequence
 
 import jax
@@ -22,16 +23,16 @@ BATCH_AXES = MESH_AXES
 
 
 def device_slices(devices: Sequence[jax.Device], num_slices: int = 0) -> int:
-  """How many slices `devices` form: TPU devices say (their `slice_index`); others (CPU,
-  GPU) are `num_slices` equal groups in process order (1 when `num_slices` is 0).
-  `num_slices` > 0 must agree with what TPU devices say."""
+  """How many slices `devices` form: as their `slice_index` says (TPU), which `num_slices`
+  > 0 must agree with; devices without one (CPU) form `num_slices` equal groups in process
+  order (1 when `num_slices` is 0)."""
   if num_slices < 0:
     raise ValueError(f"num_slices must be >= 1 (or 0: as the devices say), got {num_slices}")
   if not hasattr(devices[0], "slice_index"):
     if num_slices and len(devices) % num_slices:
       raise ValueError(f"num_slices={num_slices} does not divide the {len(devices)} devices")
     return num_slices or 1
-  sizes = np.unique([d.slice_index for d in devices], return_counts=True)[1]
+  sizes = collections.Counter(d.slice_index for d in devices).values()
   if num_slices and num_slices != len(sizes):
     raise ValueError(f"num_slices={num_slices}, but the {len(devices)} devices form "
                      f"{len(sizes)} slice{'s' if len(sizes) > 1 else ''}")
@@ -57,7 +58,7 @@ def make_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None,
   elif hasattr(devices[0], "slice_index"):  # TPU slices: each slice laid out as one
     grid = mesh_utils.create_hybrid_device_mesh((1, n // fsdp, fsdp), (slices, 1, 1),
                                                 devices, allow_split_physical_axes=True)
-  else:  # consecutive processes' devices form a slice (e.g. the GPUs of a node)
+  else:  # no slice_index: consecutive processes' devices form a slice
     ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
     grid = np.stack([jax.make_mesh((n // fsdp, fsdp), MESH_AXES[1:],
                                    devices=ordered[i * n:(i + 1) * n]).devices

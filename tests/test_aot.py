@@ -256,9 +256,9 @@ out = dict(shape=dict(mesh.shape), mesh_slices=[[d.slice_index for d in s.flat]
                                                  for s in mesh.devices],
            batch=owners(sharding.batch_sharding(mesh), (16,)),
            param=owners(sharding.param_sharding(mesh, (8, 6)), (8, 6)), refused=[])
-for kwargs in (dict(fsdp=8), dict(num_slices=3)):
+for kwargs in (dict(fsdp=8), dict(num_slices=3), dict(devices=devices[:6])):
   try:
-    sharding.make_mesh(devices=devices, **kwargs)
+    sharding.make_mesh(**{"devices": devices, **kwargs})
   except ValueError as e:
     out["refused"].append(str(e))
 config = demo.get_config().unlock()
@@ -281,11 +281,11 @@ print("JSON" + json.dumps(out))
 def test_two_slices_of_v5e():
   """2 x v5e:2x2 with fsdp 2: the 'slice' axis is the devices' slice_index, FSDP splits a
   parameter inside each slice (both slices hold the same halves), the batch is split over
-  both; an fsdp size beyond a slice and a slice count the devices lack are refused. The
-  compiled step's cross-slice traffic is the all-reduce of the float32 gradients: each
-  chip sends its quarter (the slice reduce-scatters them first), so a slice's 4 chips
-  together send every gradient once, plus TPU tile padding and the metrics; an
-  all-gather across slices is read as one too."""
+  both; an fsdp size beyond a slice, a slice count the devices lack and uneven slices are
+  refused. The compiled step's cross-slice traffic is the all-reduce of the float32
+  gradients: each chip sends its quarter (the slice reduce-scatters them first), so a
+  slice's 4 chips together send every gradient once, plus TPU tile padding and the
+  metrics; an all-gather across slices is read as one too."""
   model = {"image_size": 32, "width": 128, "depth": 1, "num_heads": 2, "decoder_width": 128,
            "decoder_depth": 1, "decoder_num_heads": 2}
   out = run(["-c", MULTI_SLICE_SCRIPT, json.dumps(model)])
@@ -300,7 +300,8 @@ def test_two_slices_of_v5e():
   assert sorted((s, row) for s, (row, _) in r["param"]) == [(s, row) for s in (0, 1)
                                                             for row in (0, 0, 4, 4)]
   assert r["refused"] == ["fsdp axis size 8 does not divide the 4 devices of a slice "
-                          "(2 slices)", "num_slices=3, but the 8 devices form 2 slices"]
+                          "(2 slices)", "num_slices=3, but the 8 devices form 2 slices",
+                          "the devices form slices of unequal sizes [2, 4]"]
 
   task = tasks.make_task(tiny_config(**{f"model.{k}": v for k, v in model.items()}))
   shapes = jax.eval_shape(init_params, task.model, jax.random.key(0))
