@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import sys
 import time
 from typing import Any, Callable
 
@@ -150,11 +149,12 @@ class Planner:
     memory, oom, transfers = None, "", []
     try:
       compiled = step.lower(state, batch).compile()
+      seconds = time.perf_counter() - start
       memory, transfers = compiled.memory_analysis(), dcn.transfers(compiled.as_text())
     except jax.errors.JaxRuntimeError as e:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
-      oom = str(e).strip().splitlines()[0]
+      seconds, oom = time.perf_counter() - start, str(e).strip().splitlines()[0]
     flops = self.task.flops_per_example()
     return Report(
         slice_name=self.slice.name, num_chips=self.slice.num_chips, fsdp=self.config.fsdp,
@@ -164,7 +164,7 @@ class Planner:
         memory=memory, oom_message=oom,
         flops_per_chip=flops * batch_per_chip if flops else None,
         peak_flops=metrics.peak_flops(self.devices[0].device_kind),
-        compile_seconds=time.perf_counter() - start, num_slices=self.num_slices,
+        compile_seconds=seconds, num_slices=self.num_slices,
         dcn=tuple(transfers), chips_per_host=self.chips_per_host, dcn_gbps=self.dcn_gbps)
 
 
