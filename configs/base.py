@@ -65,8 +65,11 @@ def run_config(task: str, *, epochs: float, warmup_epochs: float, batch_size: in
   config.base_lr = base_lr
   config.lr = -1.0  # > 0 sets the absolute peak lr instead of the scaling rule
 
-  # Parallelism: data parallel over all devices; fsdp > 1 also shards params/optimizer.
+  # Parallelism: data parallel over all devices; fsdp > 1 also shards params/optimizer
+  # (inside a slice). num_slices: TPU slices joined by the data-center network; 0 = as the
+  # devices say (their slice_index); devices without one (CPU) are split into N groups.
   config.fsdp = 1
+  config.num_slices = 0
 
   # Outputs.
   config.log_every_steps = 100

@@ -1,7 +1,8 @@
 """TPU slices by the names users rent (`v5p-128`, `v5litepod-16`) or by shape (`v5e:4x4`).
 
 A slice resolves to a chip generation and a torus shape; `compile_devices` asks libtpu for
-compile-only devices of that shape, so a step can be compiled for a pod on any machine.
+compile-only devices of one or several such slices, so a step can be compiled for a pod (or
+a multi-slice job) on any machine.
 """
 from __future__ import annotations
 
@@ -20,14 +21,19 @@ class Chip:
   torus_dims: int  # 2 (v5e, v6e) or 3 (v4, v5p)
   cores_per_chip: int  # the number in an accelerator name counts TensorCores: v4-8 = 4 chips
   chip_config: str  # libtpu's chip_config_name: 'megacore' when two cores act as one device
+  dcn_gbps: float | None  # the hosts' data-center network bandwidth per chip, Gbit/s
 
 
-# HBM per chip from the Cloud TPU system architecture pages.
+# HBM per chip and DCN bandwidth from the Cloud TPU system architecture pages: v5p 50 Gbit/s
+# per chip; v5e 2 x 100 and v6e 4 x 200 Gbit/s NICs per host of 8 chips; v4: not stated.
 CHIPS = {
-    "v4": Chip(32 * GiB, torus_dims=3, cores_per_chip=2, chip_config="megacore"),
-    "v5e": Chip(16 * GiB, torus_dims=2, cores_per_chip=1, chip_config="default"),
-    "v5p": Chip(95 * GiB, torus_dims=3, cores_per_chip=2, chip_config="megacore"),
-    "v6e": Chip(32 * GiB, torus_dims=2, cores_per_chip=1, chip_config="default"),
+    "v4": Chip(32 * GiB, torus_dims=3, cores_per_chip=2, chip_config="megacore",
+               dcn_gbps=None),
+    "v5e": Chip(16 * GiB, torus_dims=2, cores_per_chip=1, chip_config="default", dcn_gbps=25),
+    "v5p": Chip(95 * GiB, torus_dims=3, cores_per_chip=2, chip_config="megacore",
+                dcn_gbps=50),
+    "v6e": Chip(32 * GiB, torus_dims=2, cores_per_chip=1, chip_config="default",
+                dcn_gbps=100),
 }
 # Other spellings of the generations: Cloud's accelerator types and libtpu's names.
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v5": "v5p", "v6litepod": "v6e"}
@@ -106,21 +112,23 @@ def parse_slice(name: str) -> Slice:
   return Slice(generation, shape)
 
 
-def compile_devices(tpu_slice: Slice) -> list:
-  """Compile-only devices of the slice, one per chip (needs libtpu, not the hardware)."""
+def compile_devices(tpu_slice: Slice, num_slices: int = 1) -> list:
+  """Compile-only devices of `num_slices` copies of the slice, one per chip, each with its
+  `slice_index` (needs libtpu, not the hardware)."""
   try:
     import libtpu  # noqa: F401  # pylint: disable=unused-import,import-outside-toplevel
   except ImportError as e:
-    raise RuntimeError("compiling for a TPU slice needs libtpu: pip install -e '.[tpu]'"
-                       ) from e
+    raise ImportError("compiling for a TPU slice needs libtpu: pip install -e '.[tpu]'"
+                      ) from e
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   # Compile-only devices open no chip, so libtpu's one-process-per-host lock need not hold:
   # several plans (and the tests) may compile at once.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   devices = topologies.get_topology_desc(
-      platform="tpu", topology_name=tpu_slice.name,
+      platform="tpu", topology_name=tpu_slice.name, num_slices=num_slices,
       chip_config_name=tpu_slice.chip.chip_config).devices
-  if len(devices) != tpu_slice.num_chips:
-    raise RuntimeError(f"libtpu made {len(devices)} devices for {tpu_slice.name}, expected "
-                       f"one per chip ({tpu_slice.num_chips})")
+  if len(devices) != tpu_slice.num_chips * num_slices:
+    raise RuntimeError(f"libtpu made {len(devices)} devices for {num_slices} x "
+                       f"{tpu_slice.name}, expected one per chip "
+                       f"({tpu_slice.num_chips * num_slices})")
   return devices

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import AxisType
 from grain.experimental import index_shuffle
 
 from configs import base, demo
@@ -186,21 +187,24 @@ def without_key_bias(path, x):
   return x
 
 
-def test_fsdp_matches_data_parallel_on_params_and_optimizer_state():
-  """Three steps with params and AdamW state sharded over 4 devices end where data parallel
+@pytest.mark.parametrize("fsdp,num_slices", [(4, 1), (2, 2)])
+def test_fsdp_matches_data_parallel_on_params_and_optimizer_state(fsdp, num_slices):
+  """Three steps with params and AdamW state sharded over 4 devices (or over 2 inside each
+  of 2 slices: the 8 CPU devices split as a multi-slice job's) end where data parallel
   does: every parameter, both moments and the step counts."""
   config = config_with("unused", warmup_steps=0)
   task = PretrainTask(config)
   plan, schedule, tx = plan_and_optimizer(config, task, num_examples=320)
   states = []
-  for fsdp in (1, 4):
-    mesh = sharding.make_mesh(fsdp)
+  for mesh in (sharding.make_mesh(), sharding.make_mesh(fsdp, num_slices=num_slices)):
     state = create_state(task, tx, jax.random.key(0), mesh)
-    if fsdp > 1:
+    if mesh.shape["fsdp"] > 1:
+      assert mesh.shape == {"slice": num_slices, "data": 8 // fsdp // num_slices,
+                            "fsdp": fsdp}
       kernel = state["params"]["encoder"]["blocks_0"]["mlp"]["fc1"]["kernel"]
-      assert "fsdp" in str(kernel.sharding.spec)
       mu = state["opt_state"][0].mu["encoder"]["blocks_0"]["mlp"]["fc1"]["kernel"]
-      assert "fsdp" in str(mu.sharding.spec)
+      for x in (kernel, mu):  # split inside a slice only
+        assert "fsdp" in str(x.sharding.spec) and "slice" not in str(x.sharding.spec)
     step = make_train_step(task, tx, schedule, mesh, abstract_state(task, tx))
     for i in range(3):
       images = jax.device_put(jax.random.normal(jax.random.key(i), (16, 32, 32, 3)),
@@ -222,6 +226,38 @@ def test_fsdp_matches_data_parallel_on_params_and_optimizer_state():
                           jax.tree.leaves(fs["params"])):
     np.testing.assert_allclose(without_key_bias(path, b), without_key_bias(path, a), rtol=0,
                                atol=2e-2 * plan.peak_lr, err_msg=jax.tree_util.keystr(path))
+
+
+def test_one_slice_mesh_gives_the_two_axis_meshs_fsdp_step(monkeypatch):
+  """On one slice the ('slice', 'data', 'fsdp') mesh is the ('data', 'fsdp') mesh of before
+  with an axis of size 1: the same devices in the same order, equivalent shardings, and a
+  train step whose outputs are bit for bit those of the two-axis mesh's step."""
+  task = PretrainTask(config_with("unused", warmup_steps=0))
+  _, schedule, tx = plan_and_optimizer(task.config, task, num_examples=320)
+  abstract = abstract_state(task, tx)
+  images = np.asarray(jax.random.normal(jax.random.key(0), (16, 32, 32, 3)))
+
+  def run(mesh):
+    """Shardings of the batch and state, and one step's outputs."""
+    step = make_train_step(task, tx, schedule, mesh, abstract)
+    batch = sharding.batch_sharding(mesh)
+    state, metrics = step(create_state(task, tx, jax.random.key(0), mesh),
+                          {"image": jax.device_put(images, batch)})
+    return ([batch, *jax.tree.leaves(sharding.tree_sharding(mesh, abstract))],
+            jax.device_get((state, metrics)))
+
+  mesh = sharding.make_mesh(2)
+  assert mesh.shape == {"slice": 1, "data": 4, "fsdp": 2}
+  now, now_out = run(mesh)
+  before = jax.make_mesh((4, 2), ("data", "fsdp"), (AxisType.Auto,) * 2)
+  assert (mesh.devices[0] == before.devices).all()
+  monkeypatch.setattr(sharding, "BATCH_AXES", ("data", "fsdp"))  # as it was
+  then, then_out = run(before)
+  assert any("fsdp" in str(s.spec) for s in now)
+  for a, b, ndim in zip(now, then, [4] + [x.ndim for x in jax.tree.leaves(abstract)]):
+    assert a.is_equivalent_to(b, ndim), (a, b)
+  for a, b in zip(jax.tree.leaves(now_out), jax.tree.leaves(then_out)):
+    np.testing.assert_array_equal(a, b)
 
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -395,7 +431,8 @@ def test_every_config_field_must_match_except_the_free_ones(demo_dir):
   assert diff["input.crop_scale"] == ([0.2, 1.0], [0.5, 1.0])
   free = {"input.data_dir": "/mnt/copy", "input.worker_count": 4, "input.read_threads": 2,
           "input.normalize_on_device": False, "model.dtype": "bfloat16",
-          "model.attention": "xla", "fsdp": 2, "grad_accum_steps": 2, "stop_at_step": 7,
+          "model.attention": "xla", "fsdp": 2, "num_slices": 2, "grad_accum_steps": 2,
+          "stop_at_step": 7,
           "eval_only": True, "evals.reconstruction.every_steps": 3, "log_every_steps": 9,
           "checkpoint_every_steps": 9, "keep_checkpoints": 1, "compilation_cache_dir": "/c",
           "profile.steps": 2}

@@ -112,7 +112,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
   loaded = task.load_init(init_from) if init_from and saved is None else None
   # The data position is the step: a run at step k reads global batch k next.
   loader = task.train_loader(source, start_batch=saved["step"] if saved else 0)
-  mesh = sharding.make_mesh(config.fsdp)
+  mesh = sharding.make_mesh(config.fsdp, num_slices=config.num_slices)
   evaluators = evals.make_evaluators(config, task, mesh)
   best_metric = config.get("best_metric")  # e.g. 'classification/top1' (fine-tuning)
   if best_metric and best_metric.split("/")[0] not in {e.name for e in evaluators}:

@@ -63,7 +63,7 @@ FREE_FIELDS = (
     "input.data_dir", "input.eval_split", "input.worker_count", "input.worker_buffer_size",
     "input.read_threads", "input.read_buffer", "input.normalize_on_device",
     *(f"model.{k}" for k in COMPUTE_FIELDS),
-    "fsdp", "grad_accum_steps", "stop_at_step", "eval_only", "evals", "best_metric",
+    "fsdp", "num_slices", "grad_accum_steps", "stop_at_step", "eval_only", "evals", "best_metric",
     "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "compilation_cache_dir",
     "profile",
 )
