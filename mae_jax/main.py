@@ -10,6 +10,7 @@ Elsewhere give --coordinator_address, --num_processes and --process_id.
 """
 import logging
 import os
+import signal
 import sys
 from typing import NoReturn
 
@@ -122,7 +123,17 @@ def main(argv: list[str]) -> None:
     if not is_check(e):
       raise
     fail(str(e))
+  except KeyboardInterrupt as e:  # Ctrl-C: the loop saved and said so (its message), or not
+    if not e.args:
+      sys.stderr.write("interrupted: nothing saved since the last checkpoint\n")
+    sys.exit(130)
 
+
+if __name__ == "__mp_main__":
+  # This module as a worker process of this command (grain's decoders; multiprocessing's
+  # spawn runs it under this name before the worker's own code). A Ctrl-C on a terminal goes
+  # to the whole process group; the main process saves and stops its workers itself.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 if __name__ == "__main__":
   define_flags()

@@ -126,22 +126,48 @@ def latest_step(workdir):
   return max(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def start_in_terminal(command):
+  """`command` as a terminal's foreground job: its own process group (a Ctrl-C reaches every
+  process in it), with SIGINT's default handling (a handler resets to it in a new program; a
+  test run in the background of a script inherits SIGINT ignored, which children would keep)."""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT],
+                         ids=lambda sig: sig.name)
 def test_resume_matches_uninterrupted_run(tmp_path, demo_dir, reference_run, sig):
   workdir = str(tmp_path / "run")
-  proc = subprocess.Popen(main_command(workdir, demo_dir, stop_at_step=20), cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  # Ctrl-C on a terminal, with a grain worker process in the group.
+  workers = {"input.worker_count": 1} if sig == signal.SIGINT else {}
+  if sig == signal.SIGINT:
+    proc = start_in_terminal(main_command(workdir, demo_dir, stop_at_step=20, **workers))
+  else:
+    proc = subprocess.Popen(main_command(workdir, demo_dir, stop_at_step=20), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   wait_for_checkpoint(workdir, proc, 2)
-  proc.send_signal(sig)
+  if sig == signal.SIGINT:
+    os.killpg(proc.pid, sig)
+  else:
+    proc.send_signal(sig)
   output = proc.communicate(timeout=120)[0]
   interrupted_at = latest_step(workdir)
   if sig == signal.SIGKILL:
     assert proc.returncode == -signal.SIGKILL
-  else:  # preemption: a checkpoint at the current step, then a clean exit
+  elif sig == signal.SIGTERM:  # preemption: a checkpoint at the current step, then a clean exit
     assert proc.returncode == 0, output[-3000:]
     assert "preempted (SIGTERM): saved step" in output
+  else:  # the same save, one line (no traceback from any process) and exit code 130
+    assert proc.returncode == 130, output[-3000:]
+    assert re.findall(r"\] (.*)\n", output)[-1] == (
+        f"interrupted at step {interrupted_at}, saved; run the same command to continue")
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
   assert 2 <= interrupted_at < 20, "the run was not interrupted before its end"
-  resumed = train_and_evaluate(config_with(demo_dir, stop_at_step=20), workdir)
+  resumed = train_and_evaluate(config_with(demo_dir, stop_at_step=20, **workers), workdir)
   assert int(resumed["step"]) == 20
   # Bitwise: the same data order, masks and arithmetic as the run that never stopped.
   assert params_equal(resumed["params"], reference_run[0])

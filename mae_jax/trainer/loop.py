@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
-import threading
 import time
 
 import jax
@@ -25,6 +23,7 @@ import ml_collections
 
 from mae_jax import checkpointing, evals, metrics as metrics_lib, models, sharding, storage, tasks
 from mae_jax.data import pipeline
+from mae_jax.trainer.preemption import Preemption
 from mae_jax.trainer.setup import (Plan, check_resumable, checkpoint_config,
                                    plan_and_optimizer, run_signature)
 from mae_jax.trainer.step import State, abstract_state, check_batch, create_state, \
@@ -35,28 +34,6 @@ log = logging.getLogger(__name__)
 
 def every(step: int, interval: int) -> bool:
   return interval > 0 and step % interval == 0
-
-
-class Preemption:
-  """Tells when to save and exit on SIGTERM (preemption), on one host or on all of them.
-
-  Multi-process runs use JAX's preemption sync point (every host saves at the same step);
-  a single process sets a flag from its own SIGTERM handler.
-  """
-
-  def __init__(self, manager):
-    self._manager = manager
-    self._flag = threading.Event()
-    self._multi = jax.process_count() > 1
-    if not self._multi and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
-
-  def reached(self, step: int) -> bool:
-    return self._manager.reached_preemption(step) if self._multi else self._flag.is_set()
-
-  def close(self) -> None:
-    if hasattr(self, "_previous"):
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def fetch(values: dict[str, jax.Array]) -> dict[str, float]:
@@ -209,6 +186,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
           checked(step, step_metrics)
           previous = None
         ckpt.save(step, state, data_iter, saved_config, force=True)
+      if preempted and preemption.interrupted:
+        message = f"interrupted at step {step}, saved; run the same command to continue"
+        log.warning(message)
+        raise KeyboardInterrupt(message)
       if preempted:
         log.warning("preempted (SIGTERM): saved step %d, exiting", step)
         break
