@@ -20,6 +20,10 @@ if [[ "$n" == 1 ]]; then
   exec python -m mae_jax.main --workdir="$workdir" "$@"
 fi
 export JAX_PLATFORMS=cpu
+# Job control: each process in its own process group, where SIGINT keeps its default (a script
+# without it starts background processes with SIGINT ignored). A Ctrl-C reaches this script
+# alone, which passes it to every process: they all save at the same step and stop.
+set -m
 port=$(python -c 'import socket; s=socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')
 # Process 0 on the console, without the collectives' connection chatter ("[Gloo] Rank 0 is
 # connected to ..."); the others into log files.
@@ -30,18 +34,20 @@ for ((i = 0; i < n; i++)); do
   cmd=(python -m mae_jax.main --workdir="$workdir" --coordinator_address="localhost:$port"
        --num_processes="$n" --process_id="$i" --cpu_collectives=gloo "$@")
   if ((i == 0)); then
-    "${cmd[@]}" > >(grep -v --line-buffered '^\[Gloo\]') &
+    "${cmd[@]}" > >(trap '' INT; exec grep -v --line-buffered '^\[Gloo\]') &
   else
     "${cmd[@]}" > "$logs/process_$i.log" 2>&1 &
   fi
   pids+=($!)
 done
-trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM INT
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
+trap 'kill -INT "${pids[@]}" 2>/dev/null' INT
 status=0
 for ((i = 0; i < n; i++)); do
-  wait "${pids[$i]}" && continue
-  code=$?
+  # A trapped signal ends `wait` early (with 128 + its number): wait again while it runs.
+  while wait "${pids[$i]}"; code=$?; ((code > 128)) && kill -0 "${pids[$i]}" 2>/dev/null; do :; done
+  ((code == 0)) && continue
   ((status)) || status=$code
-  ((i == 0)) || echo "process $i failed (exit $code); its log: $logs/process_$i.log" >&2
+  ((i == 0 || code == 130)) || echo "process $i failed (exit $code); its log: $logs/process_$i.log" >&2
 done
 exit $status
