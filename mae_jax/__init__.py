@@ -1,4 +1,8 @@
 """mae_jax: Masked Autoencoders (He et al., CVPR 2022) in JAX/Flax."""
+from mae_jax import backends
+
+backends.skip_absent_tpu()  # before JAX picks its backends: no libtpu chatter without a TPU
+
 from mae_jax.config import ModelConfig, model_config
 from mae_jax.mae import MAEOutput, encode, init_params, mae_apply
 from mae_jax.masking import random_masking

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae_jax import convert, encode, init_params, mae_apply, model_config, visualize
+from mae_jax import backends, convert, encode, init_params, mae_apply, model_config, visualize
 from mae_jax.config import vit_config
 from mae_jax.metrics import hms, progress_line
 from mae_jax.trainer import train_and_evaluate
@@ -50,6 +50,24 @@ def test_missing_tfds_dataset_is_one_line_without_tfds_warnings(tmp_path):
   [line] = error_lines(proc.stderr)
   assert line.startswith("error: tfds dataset 'cifar10' is not prepared") and "tfds build" in line
   assert not workdir.exists() and not (tmp_path / "tfds").exists()
+
+
+def test_no_libtpu_chatter_on_a_machine_without_a_tpu(tmp_path, demo_dir):
+  """With libtpu installed (the tpu extra) and JAX choosing the platform, a run on a machine
+  without TPU chips shows only its own lines: JAX skips its TPU backend, libtpu stays unloaded."""
+  pytest.importorskip("libtpu", reason="libtpu is not installed: nothing could complain")
+  if backends.tpu_may_be_attached():
+    pytest.skip("this machine may have TPU chips: libtpu is meant to initialise")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "mae_jax.main", "--config=configs/demo.py",
+       f"--workdir={tmp_path}/run", f"--config.input.data_dir={demo_dir}",
+       "--config.batch_size=328"], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 1
+  assert "process 0/1" in proc.stderr  # the error comes after JAX chose its devices
+  assert error_lines(proc.stderr) == [
+      "error: the dataset has 320 examples, fewer than one global batch of 328"]
 
 
 def test_help_exits_0_and_shows_how_to_list_the_config_fields():
