@@ -1,6 +1,7 @@
 """Evaluation: restoring checkpoints into a frozen-encoder task, the evaluation loader, LARS,
 kNN, the linear probe through the trainer, `visualize`, and errors before any write."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -187,6 +188,19 @@ def test_knn_votes_by_hand():
   scores = knn_scores(query, bank, labels, valid, num_classes=3, k=4, temperature=0.5)
   np.testing.assert_allclose(scores, [[np.exp(2.0), np.exp(1.6) + np.exp(0.0), np.exp(-2.0)]],
                              rtol=1e-6)
+
+
+def test_knn_calls_itself_knn(tmp_path, caplog):
+  """configs/knn.py logs as the kNN evaluation it is, never as a linear probe."""
+  config = set_fields(digits.get_config("task=knn"), init_from="random")
+  with caplog.at_level(logging.INFO, logger="mae_jax"):
+    train_and_evaluate(config, str(tmp_path / "knn"))
+  messages = [r.getMessage() for r in caplog.records]
+  assert "evaluating knn at step 0 (eval_only)" in messages
+  assert any(m.startswith("kNN of a RANDOMLY initialised encoder") for m in messages)
+  assert not [m for m in messages if "linear" in m or "probe" in m]
+  with pytest.raises(ValueError, match="task 'knn' trains nothing"):
+    make_task(set_fields(config, eval_only=False))
 
 
 def run_digits(workdir, arg, *flags):
