@@ -3,6 +3,7 @@ progress line, the end-of-run summary and the before/after reconstruction grid."
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -201,19 +202,37 @@ def test_end_of_run_summary_says_what_happened_and_where_it_went(finished_run):
   assert summary[0].startswith("trained steps 0 -> 4 in 0:0")
   assert " (step 2) -> " in summary[0] and summary[0].endswith(" (step 4)")
   png = os.path.join(workdir, "reconstructions", "step_00000004.png")
-  assert messages[-4:] == [summary[0], f"checkpoint: {workdir}/checkpoints/4",
+  assert messages[-5:] == [summary[0], f"checkpoint: {workdir}/checkpoints/4",
                            f"metrics: {workdir}/metrics.jsonl",
-                           f"tensorboard --logdir {workdir}/tensorboard"]
+                           f"tensorboard --logdir {workdir}/tensorboard",
+                           f"reconstructions: {workdir}/reconstructions"]
   assert f"reconstructions: {png}" in messages
+
+
+def grid_column(workdir, step, j):
+  """Column j of the reconstruction grid at `step` (tiny demo MAE), without its title."""
+  grid = np.asarray(Image.open(os.path.join(workdir, "reconstructions", f"step_{step:08d}.png")))
+  side = 32 * visualize.display_scale(32)  # upscaled for display
+  assert grid.shape == (16 + 2 * (side + 2) + 2, 5 * (side + 2) + 2, 3)
+  return grid[16:, 2 + j * (side + 2):2 + j * (side + 2) + side]
 
 
 def test_reconstruction_grid_shows_the_untrained_model_next_to_the_trained_one(finished_run):
   workdir, _ = finished_run
-  grid = np.asarray(Image.open(os.path.join(workdir, "reconstructions", "step_00000004.png")))
-  side = 32 * visualize.display_scale(32)  # upscaled for display
-  assert grid.shape == (16 + 2 * (side + 2) + 2, 5 * (side + 2) + 2, 3)
-  column = lambda j: grid[16:, 2 + j * (side + 2):2 + j * (side + 2) + side]
-  assert not np.array_equal(column(2), column(3))  # step 0 vs step 4
+  assert not np.array_equal(grid_column(workdir, 4, 2), grid_column(workdir, 4, 3))  # 0 vs 4
+
+
+def test_resumed_runs_show_the_step_0_outputs(finished_run, demo_dir, tmp_path):
+  """The step-0 column stays step 0's after a resume; from a workdir without the saved step-0
+  outputs, it shows the step the run resumed from."""
+  for kept in (True, False):
+    workdir = str(tmp_path / f"kept_{kept}")
+    shutil.copytree(finished_run[0], workdir)
+    if not kept:
+      os.remove(os.path.join(workdir, "reconstructions", "output_step_0.npy"))
+    train_and_evaluate(config_with(demo_dir, stop_at_step=6), workdir)
+    want = grid_column(workdir, 4, 2 if kept else 3)  # step 0's outputs, or step 4's
+    assert np.array_equal(grid_column(workdir, 6, 2), want)
 
 
 def test_a_finished_run_says_only_that_there_is_nothing_to_train(finished_run, demo_dir,

@@ -85,7 +85,8 @@ def test_demo_end_to_end(tmp_path, demo_dir):
   assert 0 < rows[1]["data_wait_s"] < rows[1]["step_time_s"]  # part of each step's time
   events = os.listdir(os.path.join(workdir, "tensorboard"))
   assert any(name.startswith("events.out.tfevents") for name in events)
-  assert os.listdir(os.path.join(workdir, "reconstructions")) == ["step_00000004.png"]
+  assert sorted(os.listdir(os.path.join(workdir, "reconstructions"))) == [
+      "output_step_0.npy", "step_00000004.png"]
   params, model = load_params(workdir)  # the final checkpoint serves evaluation
   assert model == model_config_from(config_with(demo_dir))
   assert params_equal(params, state["params"])
@@ -523,7 +524,8 @@ def test_two_processes_on_localhost_agree(tmp_path, demo_dir):
   assert "process 1/2, 4 local / 8 global devices" in outputs[1]
   progress = [re.findall(r"step \d+/\d+ loss \S+ lr \S+ gnorm \S+", out) for out in outputs]
   assert len(progress[0]) == 2 and progress[0] == progress[1]
-  assert os.listdir(os.path.join(workdir, "reconstructions")) == ["step_00000004.png"]
+  assert sorted(os.listdir(os.path.join(workdir, "reconstructions"))) == [
+      "output_step_0.npy", "step_00000004.png"]
   params, _ = load_params(workdir)
   assert latest_step(workdir) == 4
   # Each host fed its own shard and the collectives summed them right: the checkpoint equals

@@ -142,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
 
     for evaluator in evaluators if step < plan.stop_step else ():
       if hasattr(evaluator, "start"):  # optional, see evals.Evaluator
-        evaluator.start(state, step)
+        evaluator.start(state, step, workdir)
     while step < plan.stop_step:
       wait_start = time.perf_counter()
       batch = next(data_iter)
@@ -239,6 +239,8 @@ def log_summary(workdir: str, first_step: int, step: int, seconds: float,
   log.info("checkpoint: %s", workdir / checkpointing.CHECKPOINTS / str(checkpoint_step))
   log.info("metrics: %s", workdir / "metrics.jsonl")
   log.info("tensorboard --logdir %s", workdir / "tensorboard")
+  if (workdir / "reconstructions").exists():
+    log.info("reconstructions: %s", workdir / "reconstructions")
 
 
 def start_from(task: tasks.Task, tx, state: State, loaded, shardings) -> State:
