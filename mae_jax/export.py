@@ -32,7 +32,7 @@ from safetensors.numpy import save_file
 
 from mae_jax import convert, hf_format
 from mae_jax.config import FIELDS, VARIANTS, ModelConfig, ViTConfig
-from mae_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mae_jax.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from mae_jax.mae import Params
 from mae_jax.posemb import sincos_2d
 

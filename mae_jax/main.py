@@ -99,11 +99,23 @@ def is_check(e: BaseException) -> bool:
   return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(PACKAGE_DIRS)
 
 
+def length_note(config) -> str:
+  """Which of the two ways to give the run's length and warmup --print_config's reader
+  should believe: steps when set, else epochs."""
+  def which(steps: str, epochs: str, is_set) -> str:
+    if is_set(config[steps]):
+      return f"{steps}={config[steps]} (overrides {epochs})"
+    return f"{epochs}={config[epochs]} ({steps}={config[steps]}: unset)"
+  return (f"# length: {which('total_steps', 'epochs', lambda v: v > 0)}; "
+          f"warmup: {which('warmup_steps', 'warmup_epochs', lambda v: v >= 0)}")
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     fail(f"unexpected arguments: {argv[1:]}")
   if FLAGS.print_config:
     print(FLAGS.config)
+    print(length_note(FLAGS.config))
     return
   # Our progress at INFO; libraries (Orbax logs every save at INFO) at WARNING.
   absl_logging.set_verbosity(absl_logging.WARNING)

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from mae_jax import storage
 from mae_jax.config import ModelConfig
-from mae_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mae_jax.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from mae_jax.mae import MAEOutput, mae_apply
 from mae_jax.patches import patchify, unpatchify
 

@@ -78,6 +78,10 @@ def test_help_exits_0_and_shows_how_to_list_the_config_fields():
   proc = run_main("--config=configs/demo.py", "--print_config", "--config.batch_size=32")
   assert proc.returncode == 0, proc.stderr
   assert "batch_size: 32" in proc.stdout and "mask_ratio: 0.75" in proc.stdout
+  # epochs: 800 is printed too (every config has both ways to give the length): which wins
+  assert "epochs: 800" in proc.stdout and proc.stdout.splitlines()[-1] == (
+      "# length: total_steps=3000 (overrides epochs); "
+      "warmup: warmup_steps=100 (overrides warmup_epochs)")
 
 
 def test_local_launcher_resolves_a_relative_workdir_against_the_caller(tmp_path, demo_dir):
