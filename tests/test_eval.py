@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from configs import digits, linear_probe
-from mae_jax import encode, optim
+from mae_jax import encode, optim, visualize
 from mae_jax.checkpointing import load_params
 from mae_jax.data import pipeline, sources
 from mae_jax.evals.common import accuracies, topk_correct
@@ -307,7 +307,8 @@ def test_digits_splits_and_missing_labels(tmp_path):
     sources.tfds_source("unlabelled", "test", str(tmp_path))
 
 
-def test_visualize_writes_a_grid_from_a_workdir_and_an_official_file(tmp_path, pretrained):
+def test_visualize_writes_a_grid_from_a_workdir_and_an_official_file(tmp_path, pretrained,
+                                                                     capsys):
   images = tmp_path / "images"
   images.mkdir()
   for i in range(3):
@@ -338,6 +339,14 @@ def test_visualize_writes_a_grid_from_a_workdir_and_an_official_file(tmp_path, p
                        cwd=ROOT, capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-2000:]
   assert Image.open(out2).size == (4 * (side + 2) + 2, 16 + 2 * (side + 2) + 2)
+  # A workdir needs no --images / --dataset: its run's config names its data.
+  assert visualize.main([pretrained, str(tmp_path / "own.png"), "--num_images", "2"]) == 0
+  assert Image.open(tmp_path / "own.png").size == Image.open(out2).size
+  with pytest.raises(SystemExit) as exit:
+    visualize.main([pth, str(tmp_path / "which.png")])
+  assert exit.value.code == 1
+  assert capsys.readouterr().err == (f"error: which images? --images DIR or --dataset NAME "
+                                     f"({pth} is not a workdir whose config names its dataset)\n")
 
 
 def test_probe_head_is_batchnorm_then_linear_as_the_reference(demo_dir):
