@@ -188,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
         ckpt.save(step, state, data_iter, saved_config, force=True)
       if preempted and preemption.interrupted:
         message = f"interrupted at step {step}, saved; run the same command to continue"
-        log.warning(message)
+        log.warning("%s", message)
         raise KeyboardInterrupt(message)
       if preempted:
         log.warning("preempted (SIGTERM): saved step %d, exiting", step)
