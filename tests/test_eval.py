@@ -203,6 +203,20 @@ def test_knn_calls_itself_knn(tmp_path, caplog):
     make_task(set_fields(config, eval_only=False))
 
 
+def test_digits_probe_loss_falls_instead_of_exploding(tmp_path):
+  """configs/digits.py's probe recipe keeps the head's loss meaningful: at the earlier lr
+  (base 400) LARS grew the head without bound (on a random encoder, loss 146 at step 100,
+  3e10 at 700; on the MAE's, 5e12 at 1000, for the same top-1); now it falls below chance
+  (ln 10 = 2.30)."""
+  config = set_fields(digits.get_config("task=linear_probe,steps=100"), init_from="random",
+                      log_every_steps=50, **{"evals.classification.every_steps": -1})
+  workdir = str(tmp_path / "probe")
+  train_and_evaluate(config, workdir)
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  losses = [r["loss"] for r in rows if "loss" in r]
+  assert len(losses) == 2 and max(losses) < 3 and losses[-1] < 2.3, losses
+
+
 def run_digits(workdir, arg, *flags):
   """`python -m mae_jax.main --config=configs/digits.py:ARG` as documented: one process on
   one CPU device (8 fake devices would slow this tiny model several times); its results."""
