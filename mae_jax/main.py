@@ -17,7 +17,7 @@ from typing import NoReturn
 from absl import app, flags
 from absl import logging as absl_logging
 import jax
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
 from mae_jax import trainer
 
@@ -99,7 +99,7 @@ def is_check(e: BaseException) -> bool:
   return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(PACKAGE_DIRS)
 
 
-def length_note(config) -> str:
+def length_note(config: ConfigDict) -> str:
   """Which of the two ways to give the run's length and warmup --print_config's reader
   should believe: steps when set, else epochs."""
   def which(steps: str, epochs: str, is_set) -> str:
