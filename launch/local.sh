@@ -20,16 +20,17 @@ if [[ "$n" == 1 ]]; then
   exec python -m mae_jax.main --workdir="$workdir" "$@"
 fi
 export JAX_PLATFORMS=cpu
-# Job control: each process in its own process group, where SIGINT keeps its default (a script
-# without it starts background processes with SIGINT ignored). A Ctrl-C reaches this script
-# alone, which passes it to every process: they all save at the same step and stop.
-set -m
 port=$(python -c 'import socket; s=socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')
 # Process 0 on the console, without the collectives' connection chatter ("[Gloo] Rank 0 is
 # connected to ..."); the others into log files.
 logs=$(mktemp -d "${TMPDIR:-/tmp}/mae_jax_local.XXXXXX")
 echo "processes 1-$((n - 1)) log to $logs" >&2
 pids=()
+# Job control while starting them: each process in its own process group, where SIGINT keeps
+# its default (without it a script starts background processes with SIGINT ignored). A Ctrl-C
+# reaches this script alone, which passes it to every process: all save at one step and stop.
+# (Off again afterwards: it would print a line as each process ends.)
+set -m
 for ((i = 0; i < n; i++)); do
   cmd=(python -m mae_jax.main --workdir="$workdir" --coordinator_address="localhost:$port"
        --num_processes="$n" --process_id="$i" --cpu_collectives=gloo "$@")
@@ -40,6 +41,7 @@ for ((i = 0; i < n; i++)); do
   fi
   pids+=($!)
 done
+set +m
 trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
 trap 'kill -INT "${pids[@]}" 2>/dev/null' INT
 status=0
