@@ -548,7 +548,11 @@ def test_ctrl_c_on_two_processes_saves_one_step(tmp_path, demo_dir):
   proc = start_in_terminal(["launch/local.sh", workdir, *flags], env)
   wait_for_checkpoint(workdir, proc, 2)
   os.killpg(proc.pid, signal.SIGINT)
-  output = proc.communicate(timeout=200)[0]
+  try:
+    output = proc.communicate(timeout=200)[0]
+  except subprocess.TimeoutExpired:  # the processes did not stop: end them (the script
+    proc.terminate()                 # passes SIGTERM on to each) before failing
+    raise AssertionError(f"Ctrl-C did not stop the run: {proc.communicate()[0][-3000:]}")
   step = latest_step(workdir)
   assert proc.returncode == 130, output[-3000:]
   logs = re.search(r"processes 1-1 log to (\S+)", output).group(1)
