@@ -75,16 +75,14 @@ def losses(params_by_name: dict, batches: list[jax.Array], model: ModelConfig,
   return {name: np.mean(v, axis=0) for name, v in out.items()}
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True, help="a finished demo run")
-  parser.add_argument("--draws", type=int, default=16, help="mask draws per image set")
-  args = parser.parse_args()
-  with open(os.path.join(args.workdir, "config.json")) as f:
+def measure(workdir: str, draws: int = 16) -> dict[str, dict[str, np.ndarray]]:
+  """{'held-out images' | 'training batches': {'step 0' | 'trained' | 'patch mean':
+  [loss, colour part, structure part]}} of the demo run in `workdir` (newest checkpoint)."""
+  with open(os.path.join(workdir, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
   task = PretrainTask(config)
   model = task.model
-  trained, _ = load_params(args.workdir)
+  trained, _ = load_params(workdir)
   params = {"step 0": task.init(jax.random.key(config.seed))[0], "trained": trained}
 
   held_out = jnp.asarray(pipeline.make_eval_batch(config.input, image_size=model.image_size,
@@ -92,12 +90,22 @@ def main() -> None:
   loader = iter(task.train_loader(task.train_source()))
   # uint8 batches (input.normalize_on_device) become the model's normalised input here.
   train = [pipeline.device_images(jnp.asarray(next(loader)["image"]), config.input)
-           for _ in range(args.draws // 4)]
+           for _ in range(draws // 4)]
+  return {name: losses(params, batches, model, seed=1)
+          for name, batches in (("held-out images", [held_out] * draws),
+                                ("training batches", train))}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", required=True, help="a finished demo run")
+  parser.add_argument("--draws", type=int, default=16, help="mask draws per image set")
+  args = parser.parse_args()
+  with open(os.path.join(args.workdir, "config.json")) as f:
+    model = PretrainTask(ml_collections.ConfigDict(json.load(f))).model
   print(f"masked-patch loss ({'norm_pix' if model.norm_pix_loss else 'pixels'}, mask ratio "
         f"{model.mask_ratio}) of {args.workdir} = colour part + structure part")
-  for name, batches in (("held-out images", [held_out] * args.draws),
-                        ("training batches", train)):
-    rows = losses(params, batches, model, seed=1)
+  for name, rows in measure(args.workdir, args.draws).items():
     flat = rows["patch mean"][2]  # the structure part of every flat prediction
     print(f"  {name}:")
     for k, (loss, colour, structure) in rows.items():

@@ -6,10 +6,8 @@ and any field with --config.<field>=<value>.
 """
 import ml_collections
 
+from mae_jax import IMAGENET_MEAN, IMAGENET_STD
 from mae_jax.config import model_config
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

@@ -14,6 +14,7 @@ from configs import linear_probe
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = linear_probe.get_config(arg).unlock()
+  config.task = "knn"
   config.eval_only = True
   config.evals = ml_collections.ConfigDict()
   config.evals.knn = dict(type="knn", k=20, temperature=0.07, pool="cls", batch_size=1024)

@@ -26,22 +26,30 @@ port=$(python -c 'import socket; s=socket.socket(); s.bind(("localhost", 0)); pr
 logs=$(mktemp -d "${TMPDIR:-/tmp}/mae_jax_local.XXXXXX")
 echo "processes 1-$((n - 1)) log to $logs" >&2
 pids=()
+# Job control while starting them: each process in its own process group, where SIGINT keeps
+# its default (without it a script starts background processes with SIGINT ignored). A Ctrl-C
+# reaches this script alone, which passes it to every process: all save at one step and stop.
+# (Off again afterwards: it would print a line as each process ends.)
+set -m
 for ((i = 0; i < n; i++)); do
   cmd=(python -m mae_jax.main --workdir="$workdir" --coordinator_address="localhost:$port"
        --num_processes="$n" --process_id="$i" --cpu_collectives=gloo "$@")
   if ((i == 0)); then
-    "${cmd[@]}" > >(grep -v --line-buffered '^\[Gloo\]') &
+    "${cmd[@]}" > >(trap '' INT; exec grep -v --line-buffered '^\[Gloo\]') &
   else
     "${cmd[@]}" > "$logs/process_$i.log" 2>&1 &
   fi
   pids+=($!)
 done
-trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM INT
+set +m
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
+trap 'kill -INT "${pids[@]}" 2>/dev/null' INT
 status=0
 for ((i = 0; i < n; i++)); do
-  wait "${pids[$i]}" && continue
-  code=$?
+  # A trapped signal ends `wait` early (with 128 + its number): wait again while it runs.
+  while wait "${pids[$i]}"; code=$?; ((code > 128)) && kill -0 "${pids[$i]}" 2>/dev/null; do :; done
+  ((code == 0)) && continue
   ((status)) || status=$code
-  ((i == 0)) || echo "process $i failed (exit $code); its log: $logs/process_$i.log" >&2
+  ((i == 0 || code == 130)) || echo "process $i failed (exit $code); its log: $logs/process_$i.log" >&2
 done
 exit $status

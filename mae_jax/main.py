@@ -10,13 +10,14 @@ Elsewhere give --coordinator_address, --num_processes and --process_id.
 """
 import logging
 import os
+import signal
 import sys
 from typing import NoReturn
 
 from absl import app, flags
 from absl import logging as absl_logging
 import jax
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
 from mae_jax import compile_cache, trainer
 
@@ -98,11 +99,23 @@ def is_check(e: BaseException) -> bool:
   return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(PACKAGE_DIRS)
 
 
+def length_note(config: ConfigDict) -> str:
+  """Which of the two ways to give the run's length and warmup --print_config's reader
+  should believe: steps when set, else epochs."""
+  def which(steps: str, epochs: str, is_set) -> str:
+    if is_set(config[steps]):
+      return f"{steps}={config[steps]} (overrides {epochs})"
+    return f"{epochs}={config[epochs]} ({steps}={config[steps]}: unset)"
+  return (f"# length: {which('total_steps', 'epochs', lambda v: v > 0)}; "
+          f"warmup: {which('warmup_steps', 'warmup_epochs', lambda v: v >= 0)}")
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     fail(f"unexpected arguments: {argv[1:]}")
   if FLAGS.print_config:
     print(FLAGS.config)
+    print(length_note(FLAGS.config))
     return
   # Our progress at INFO; libraries (Orbax logs every save at INFO) at WARNING.
   absl_logging.set_verbosity(absl_logging.WARNING)
@@ -123,7 +136,17 @@ def main(argv: list[str]) -> None:
     if not is_check(e):
       raise
     fail(str(e))
+  except KeyboardInterrupt as e:  # Ctrl-C: the loop saved and said so (its message), or not
+    if not e.args:
+      sys.stderr.write("interrupted: nothing saved since the last checkpoint\n")
+    sys.exit(130)
 
+
+if __name__ == "__mp_main__":
+  # This module as a worker process of this command (grain's decoders; multiprocessing's
+  # spawn runs it under this name before the worker's own code). A Ctrl-C on a terminal goes
+  # to the whole process group; the main process saves and stops its workers itself.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 if __name__ == "__main__":
   define_flags()

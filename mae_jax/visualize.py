@@ -1,12 +1,14 @@
 """Reconstruction grids: original | masked | reconstructions | reconstruction + visible,
 with column titles, upscaled for display.
 
-Also a command: `python -m mae_jax.visualize SRC OUT.png --images DIR` (or `--dataset`).
+Also a command: `python -m mae_jax.visualize SRC OUT.png --images DIR` (or `--dataset`; SRC a
+workdir: by default its run's own evaluation images and normalisation).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import pickle
 import sys
@@ -18,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from mae_jax import storage
 from mae_jax.config import ModelConfig
-from mae_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from mae_jax.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from mae_jax.mae import MAEOutput, mae_apply
 from mae_jax.patches import patchify, unpatchify
 
@@ -104,6 +106,15 @@ def load_images(folder: str, image_size: int, num_images: int, mean: tuple[float
   return np.stack(images)
 
 
+def workdir_input(src: str) -> dict | None:
+  """The input config of the run in workdir `src` (its WORKDIR/config.json); None for
+  anything else (a checkpoint, a .pth, a Hugging Face directory)."""
+  config = storage.path(src) / "config.json"
+  if not storage.path(src).is_dir() or not config.exists():
+    return None
+  return json.loads(config.read_text()).get("input")
+
+
 def main(argv: list[str] | None = None) -> int:
   """`python -m mae_jax.visualize SRC OUT.png`: a reconstruction grid of SRC's MAE."""
   parser = argparse.ArgumentParser(
@@ -113,23 +124,29 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("src", help="an mae_jax workdir or params checkpoint, an official .pth "
                                   "with decoder, or a Hugging Face ViTMAE directory")
   parser.add_argument("out", help="PNG to write (never overwritten)")
-  source = parser.add_mutually_exclusive_group(required=True)
+  source = parser.add_mutually_exclusive_group()
   source.add_argument("--images", help="a folder of image files")
   source.add_argument("--dataset", help="a dataset as in config.input.dataset (tfds name, "
-                                        "'folder', 'demo', 'digits')")
+                                        "'folder', 'demo', 'digits'); default for a workdir: "
+                                        "its run's")
   parser.add_argument("--split", help="the dataset's split (default: its evaluation split)")
   parser.add_argument("--data_dir", help="the dataset's data_dir (tfds) or root (folder)")
   parser.add_argument("--num_images", type=int, default=8)
   parser.add_argument("--mask_ratio", type=float, help="default: the model's own")
   parser.add_argument("--seed", type=int, default=0, help="seed of the masks")
-  parser.add_argument("--mean", type=float, nargs=3, default=IMAGENET_MEAN)
-  parser.add_argument("--std", type=float, nargs=3, default=IMAGENET_STD)
+  parser.add_argument("--mean", type=float, nargs=3,
+                      help="pixel normalisation (default: a workdir's run's, else ImageNet's)")
+  parser.add_argument("--std", type=float, nargs=3)
   args = parser.parse_args(argv)
   try:
     if os.path.exists(args.out):
       raise FileExistsError(f"{args.out} exists; refusing to overwrite it")
     if args.num_images < 1:
       raise ValueError(f"--num_images must be >= 1, got {args.num_images}")
+    saved = workdir_input(args.src) or {}
+    if not (args.images or args.dataset or saved.get("dataset")):
+      raise ValueError(f"which images? --images DIR or --dataset NAME ({args.src} is not a "
+                       "workdir whose config names its dataset)")
     from mae_jax.convert import load_pretrained
     params, config = load_pretrained(args.src)
     if "decoder" not in params:
@@ -137,13 +154,18 @@ def main(argv: list[str] | None = None) -> int:
                        "reconstruct")
     if args.mask_ratio is not None:
       config = dataclasses.replace(config, mask_ratio=args.mask_ratio)
-    mean, std = tuple(args.mean), tuple(args.std)
+    mean = tuple(args.mean or saved.get("mean", IMAGENET_MEAN))
+    std = tuple(args.std or saved.get("std", IMAGENET_STD))
     if args.images:
       images = load_images(args.images, config.image_size, args.num_images, mean, std)
     else:
       from mae_jax.data import pipeline
-      input_config = dict(dataset=args.dataset, data_dir=args.data_dir, eval_split=args.split,
-                          mean=mean, std=std)
+      given = {"data_dir": args.data_dir, "eval_split": args.split}
+      if args.dataset:
+        input_config = {"dataset": args.dataset, **given}
+      else:  # the run's own input: its dataset, data_dir, split..., unless given here
+        input_config = {**saved, **{k: v for k, v in given.items() if v is not None}}
+      input_config.update(mean=mean, std=std)
       images = pipeline.make_eval_batch(argparse.Namespace(**input_config),
                                         image_size=config.image_size,
                                         num_images=args.num_images)

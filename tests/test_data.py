@@ -85,6 +85,15 @@ def demo_cache(tmp_path_factory):
 # ---------------------------------------------------------------- decoding and skipping
 
 
+def test_imagenet_statistics_are_one_definition_exported_at_the_top():
+  import mae_jax
+  from configs import base
+  assert mae_jax.IMAGENET_MEAN == (0.485, 0.456, 0.406)
+  assert mae_jax.IMAGENET_STD == (0.229, 0.224, 0.225)
+  assert transforms.IMAGENET_MEAN is mae_jax.IMAGENET_MEAN is base.IMAGENET_MEAN
+  assert transforms.IMAGENET_STD is mae_jax.IMAGENET_STD is base.IMAGENET_STD
+
+
 def test_folder_decodes_every_mode_to_rgb_and_skips_the_corrupt_file(odd_folder):
   source = sources.folder_source(str(odd_folder))
   assert len(source) == 7 and source.classes == ["odd"]

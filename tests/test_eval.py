@@ -1,6 +1,7 @@
 """Evaluation: restoring checkpoints into a frozen-encoder task, the evaluation loader, LARS,
 kNN, the linear probe through the trainer, `visualize`, and errors before any write."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image
 
 from configs import digits, linear_probe
-from mae_jax import encode, optim
+from mae_jax import encode, optim, visualize
 from mae_jax.checkpointing import load_params
 from mae_jax.data import pipeline, sources
 from mae_jax.evals.common import accuracies, topk_correct
@@ -24,7 +25,7 @@ from mae_jax.tasks import make_task
 from mae_jax.trainer import train_and_evaluate
 from mae_jax.visualize import display_scale
 
-from test_train import config_with, set_fields
+from test_train import set_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The encoder of test_train's tiny demo MAE, as a ViTConfig.
@@ -189,6 +190,33 @@ def test_knn_votes_by_hand():
                              rtol=1e-6)
 
 
+def test_knn_calls_itself_knn(tmp_path, caplog):
+  """configs/knn.py logs as the kNN evaluation it is, never as a linear probe."""
+  config = set_fields(digits.get_config("task=knn"), init_from="random")
+  with caplog.at_level(logging.INFO, logger="mae_jax"):
+    train_and_evaluate(config, str(tmp_path / "knn"))
+  messages = [r.getMessage() for r in caplog.records]
+  assert "evaluating knn at step 0 (eval_only)" in messages
+  assert any(m.startswith("kNN of a RANDOMLY initialised encoder") for m in messages)
+  assert not [m for m in messages if "linear" in m or "probe" in m]
+  with pytest.raises(ValueError, match="task 'knn' trains nothing"):
+    make_task(set_fields(config, eval_only=False))
+
+
+def test_digits_probe_loss_falls_instead_of_exploding(tmp_path):
+  """configs/digits.py's probe recipe keeps the head's loss meaningful: at the earlier lr
+  (base 400) LARS grew the head without bound (on a random encoder, loss 146 at step 100,
+  3e10 at 700; on the MAE's, 5e12 at 1000, for the same top-1); now it falls below chance
+  (ln 10 = 2.30)."""
+  config = set_fields(digits.get_config("task=linear_probe,steps=100"), init_from="random",
+                      log_every_steps=50, **{"evals.classification.every_steps": -1})
+  workdir = str(tmp_path / "probe")
+  train_and_evaluate(config, workdir)
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  losses = [r["loss"] for r in rows if "loss" in r]
+  assert len(losses) == 2 and max(losses) < 3 and losses[-1] < 2.3, losses
+
+
 def run_digits(workdir, arg, *flags):
   """`python -m mae_jax.main --config=configs/digits.py:ARG` as documented: one process on
   one CPU device (8 fake devices would slow this tiny model several times); its results."""
@@ -293,7 +321,8 @@ def test_digits_splits_and_missing_labels(tmp_path):
     sources.tfds_source("unlabelled", "test", str(tmp_path))
 
 
-def test_visualize_writes_a_grid_from_a_workdir_and_an_official_file(tmp_path, pretrained):
+def test_visualize_writes_a_grid_from_a_workdir_and_an_official_file(tmp_path, pretrained,
+                                                                     capsys):
   images = tmp_path / "images"
   images.mkdir()
   for i in range(3):
@@ -324,6 +353,14 @@ def test_visualize_writes_a_grid_from_a_workdir_and_an_official_file(tmp_path, p
                        cwd=ROOT, capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-2000:]
   assert Image.open(out2).size == (4 * (side + 2) + 2, 16 + 2 * (side + 2) + 2)
+  # A workdir needs no --images / --dataset: its run's config names its data.
+  assert visualize.main([pretrained, str(tmp_path / "own.png"), "--num_images", "2"]) == 0
+  assert Image.open(tmp_path / "own.png").size == Image.open(out2).size
+  with pytest.raises(SystemExit) as exit:
+    visualize.main([pth, str(tmp_path / "which.png")])
+  assert exit.value.code == 1
+  assert capsys.readouterr().err == (f"error: which images? --images DIR or --dataset NAME "
+                                     f"({pth} is not a workdir whose config names its dataset)\n")
 
 
 def test_probe_head_is_batchnorm_then_linear_as_the_reference(demo_dir):

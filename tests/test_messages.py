@@ -3,6 +3,7 @@ progress line, the end-of-run summary and the before/after reconstruction grid."
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae_jax import convert, encode, init_params, mae_apply, model_config, visualize
+from mae_jax import backends, convert, encode, init_params, mae_apply, model_config, visualize
 from mae_jax.config import vit_config
 from mae_jax.metrics import hms, progress_line
 from mae_jax.trainer import train_and_evaluate
@@ -52,6 +53,24 @@ def test_missing_tfds_dataset_is_one_line_without_tfds_warnings(tmp_path):
   assert not workdir.exists() and not (tmp_path / "tfds").exists()
 
 
+def test_no_libtpu_chatter_on_a_machine_without_a_tpu(tmp_path, demo_dir):
+  """With libtpu installed (the tpu extra) and JAX choosing the platform, a run on a machine
+  without TPU chips shows only its own lines: JAX skips its TPU backend, libtpu stays unloaded."""
+  pytest.importorskip("libtpu", reason="libtpu is not installed: nothing could complain")
+  if backends.tpu_may_be_attached():
+    pytest.skip("this machine may have TPU chips: libtpu is meant to initialise")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "mae_jax.main", "--config=configs/demo.py",
+       f"--workdir={tmp_path}/run", f"--config.input.data_dir={demo_dir}",
+       "--config.batch_size=328"], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=300)
+  assert proc.returncode == 1
+  assert "process 0/1" in proc.stderr  # the error comes after JAX chose its devices
+  assert error_lines(proc.stderr) == [
+      "error: the dataset has 320 examples, fewer than one global batch of 328"]
+
+
 def test_help_exits_0_and_shows_how_to_list_the_config_fields():
   proc = run_main("--help")
   assert proc.returncode == 0, proc.stderr
@@ -59,6 +78,10 @@ def test_help_exits_0_and_shows_how_to_list_the_config_fields():
   proc = run_main("--config=configs/demo.py", "--print_config", "--config.batch_size=32")
   assert proc.returncode == 0, proc.stderr
   assert "batch_size: 32" in proc.stdout and "mask_ratio: 0.75" in proc.stdout
+  # epochs: 800 is printed too (every config has both ways to give the length): which wins
+  assert "epochs: 800" in proc.stdout and proc.stdout.splitlines()[-1] == (
+      "# length: total_steps=3000 (overrides epochs); "
+      "warmup: warmup_steps=100 (overrides warmup_epochs)")
 
 
 def test_local_launcher_resolves_a_relative_workdir_against_the_caller(tmp_path, demo_dir):
@@ -183,19 +206,37 @@ def test_end_of_run_summary_says_what_happened_and_where_it_went(finished_run):
   assert summary[0].startswith("trained steps 0 -> 4 in 0:0")
   assert " (step 2) -> " in summary[0] and summary[0].endswith(" (step 4)")
   png = os.path.join(workdir, "reconstructions", "step_00000004.png")
-  assert messages[-4:] == [summary[0], f"checkpoint: {workdir}/checkpoints/4",
+  assert messages[-5:] == [summary[0], f"checkpoint: {workdir}/checkpoints/4",
                            f"metrics: {workdir}/metrics.jsonl",
-                           f"tensorboard --logdir {workdir}/tensorboard"]
+                           f"tensorboard --logdir {workdir}/tensorboard",
+                           f"reconstructions: {workdir}/reconstructions"]
   assert f"reconstructions: {png}" in messages
+
+
+def grid_column(workdir, step, j):
+  """Column j of the reconstruction grid at `step` (tiny demo MAE), without its title."""
+  grid = np.asarray(Image.open(os.path.join(workdir, "reconstructions", f"step_{step:08d}.png")))
+  side = 32 * visualize.display_scale(32)  # upscaled for display
+  assert grid.shape == (16 + 2 * (side + 2) + 2, 5 * (side + 2) + 2, 3)
+  return grid[16:, 2 + j * (side + 2):2 + j * (side + 2) + side]
 
 
 def test_reconstruction_grid_shows_the_untrained_model_next_to_the_trained_one(finished_run):
   workdir, _ = finished_run
-  grid = np.asarray(Image.open(os.path.join(workdir, "reconstructions", "step_00000004.png")))
-  side = 32 * visualize.display_scale(32)  # upscaled for display
-  assert grid.shape == (16 + 2 * (side + 2) + 2, 5 * (side + 2) + 2, 3)
-  column = lambda j: grid[16:, 2 + j * (side + 2):2 + j * (side + 2) + side]
-  assert not np.array_equal(column(2), column(3))  # step 0 vs step 4
+  assert not np.array_equal(grid_column(workdir, 4, 2), grid_column(workdir, 4, 3))  # 0 vs 4
+
+
+def test_resumed_runs_show_the_step_0_outputs(finished_run, demo_dir, tmp_path):
+  """The step-0 column stays step 0's after a resume; from a workdir without the saved step-0
+  outputs, it shows the step the run resumed from."""
+  for kept in (True, False):
+    workdir = str(tmp_path / f"kept_{kept}")
+    shutil.copytree(finished_run[0], workdir)
+    if not kept:
+      os.remove(os.path.join(workdir, "reconstructions", "output_step_0.npy"))
+    train_and_evaluate(config_with(demo_dir, stop_at_step=6), workdir)
+    want = grid_column(workdir, 4, 2 if kept else 3)  # step 0's outputs, or step 4's
+    assert np.array_equal(grid_column(workdir, 6, 2), want)
 
 
 def test_a_finished_run_says_only_that_there_is_nothing_to_train(finished_run, demo_dir,

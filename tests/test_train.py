@@ -86,7 +86,8 @@ def test_demo_end_to_end(tmp_path, demo_dir):
   assert 0 < rows[1]["data_wait_s"] < rows[1]["step_time_s"]  # part of each step's time
   events = os.listdir(os.path.join(workdir, "tensorboard"))
   assert any(name.startswith("events.out.tfevents") for name in events)
-  assert os.listdir(os.path.join(workdir, "reconstructions")) == ["step_00000004.png"]
+  assert sorted(os.listdir(os.path.join(workdir, "reconstructions"))) == [
+      "output_step_0.npy", "step_00000004.png"]
   params, model = load_params(workdir)  # the final checkpoint serves evaluation
   assert model == model_config_from(config_with(demo_dir))
   assert params_equal(params, state["params"])
@@ -127,22 +128,48 @@ def latest_step(workdir):
   return max(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def start_in_terminal(command, env=None):
+  """`command` as a terminal's foreground job: its own process group (a Ctrl-C reaches every
+  process in it), with SIGINT's default handling (a handler resets to it in a new program; a
+  test run in the background of a script inherits SIGINT ignored, which children would keep)."""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT],
+                         ids=lambda sig: sig.name)
 def test_resume_matches_uninterrupted_run(tmp_path, demo_dir, reference_run, sig):
   workdir = str(tmp_path / "run")
-  proc = subprocess.Popen(main_command(workdir, demo_dir, stop_at_step=20), cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  # Ctrl-C on a terminal, with a grain worker process in the group.
+  workers = {"input.worker_count": 1} if sig == signal.SIGINT else {}
+  if sig == signal.SIGINT:
+    proc = start_in_terminal(main_command(workdir, demo_dir, stop_at_step=20, **workers))
+  else:
+    proc = subprocess.Popen(main_command(workdir, demo_dir, stop_at_step=20), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   wait_for_checkpoint(workdir, proc, 2)
-  proc.send_signal(sig)
+  if sig == signal.SIGINT:
+    os.killpg(proc.pid, sig)
+  else:
+    proc.send_signal(sig)
   output = proc.communicate(timeout=120)[0]
   interrupted_at = latest_step(workdir)
   if sig == signal.SIGKILL:
     assert proc.returncode == -signal.SIGKILL
-  else:  # preemption: a checkpoint at the current step, then a clean exit
+  elif sig == signal.SIGTERM:  # preemption: a checkpoint at the current step, then a clean exit
     assert proc.returncode == 0, output[-3000:]
     assert "preempted (SIGTERM): saved step" in output
+  else:  # the same save, one line (no traceback from any process) and exit code 130
+    assert proc.returncode == 130, output[-3000:]
+    assert re.findall(r"\] (.*)\n", output)[-1] == (
+        f"interrupted at step {interrupted_at}, saved; run the same command to continue")
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
   assert 2 <= interrupted_at < 20, "the run was not interrupted before its end"
-  resumed = train_and_evaluate(config_with(demo_dir, stop_at_step=20), workdir)
+  resumed = train_and_evaluate(config_with(demo_dir, stop_at_step=20, **workers), workdir)
   assert int(resumed["step"]) == 20
   # Bitwise: the same data order, masks and arithmetic as the run that never stopped.
   assert params_equal(resumed["params"], reference_run[0])
@@ -540,7 +567,8 @@ def test_two_processes_on_localhost_agree(tmp_path, demo_dir):
   assert "process 1/2, 4 local / 8 global devices" in outputs[1]
   progress = [re.findall(r"step \d+/\d+ loss \S+ lr \S+ gnorm \S+", out) for out in outputs]
   assert len(progress[0]) == 2 and progress[0] == progress[1]
-  assert os.listdir(os.path.join(workdir, "reconstructions")) == ["step_00000004.png"]
+  assert sorted(os.listdir(os.path.join(workdir, "reconstructions"))) == [
+      "output_step_0.npy", "step_00000004.png"]
   params, _ = load_params(workdir)
   assert latest_step(workdir) == 4
   # Each host fed its part of each global batch and the collectives summed them right: the
@@ -551,3 +579,29 @@ def test_two_processes_on_localhost_agree(tmp_path, demo_dir):
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(want)):
     np.testing.assert_allclose(without_key_bias(path, a), without_key_bias(path, b), rtol=0,
                                atol=2e-3 * plan.peak_lr, err_msg=jax.tree_util.keystr(path))
+
+
+def test_ctrl_c_on_two_processes_saves_one_step(tmp_path, demo_dir):
+  """launch/local.sh passes a Ctrl-C to every process: all save at the same step and stop."""
+  workdir = str(tmp_path / "run")
+  flags = [f for f in main_command(workdir, demo_dir, **NO_RECON)[3:]
+           if not f.startswith("--workdir=")]
+  env = {**os.environ, "NUM_PROCESSES": "2", "TMPDIR": str(tmp_path),
+         "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+  proc = start_in_terminal(["launch/local.sh", workdir, *flags], env)
+  wait_for_checkpoint(workdir, proc, 2)
+  os.killpg(proc.pid, signal.SIGINT)
+  try:
+    output = proc.communicate(timeout=200)[0]
+  except subprocess.TimeoutExpired:  # the processes did not stop: end them (the script
+    proc.terminate()                 # passes SIGTERM on to each) before failing
+    raise AssertionError(f"Ctrl-C did not stop the run: {proc.communicate()[0][-3000:]}")
+  step = latest_step(workdir)
+  assert proc.returncode == 130, output[-3000:]
+  logs = re.search(r"processes 1-1 log to (\S+)", output).group(1)
+  outputs = [output, open(os.path.join(logs, "process_1.log")).read()]
+  for out in outputs:  # (besides JAX's and Orbax's notes on the preemption sync point)
+    assert re.findall(r"\] (interrupted .*)\n", out) == [
+        f"interrupted at step {step}, saved; run the same command to continue"], out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+  assert 2 <= step < 200

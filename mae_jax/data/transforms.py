@@ -26,8 +26,7 @@ import numpy as np
 from PIL import Image
 import simplejpeg
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from mae_jax.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 

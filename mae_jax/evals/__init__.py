@@ -29,8 +29,8 @@ class Evaluator(Protocol):
           writer: MetricWriter) -> dict[str, float]:
     """Evaluates the train state; returns scalars (the loop logs them as `name/key`)."""
 
-  # Optional: `start(state, step)`, called once before the first step of a run (e.g. to
-  # keep the untrained model's output for before/after comparisons).
+  # Optional: `start(state, step, workdir)`, called once before the first step of a run
+  # (e.g. to keep the untrained model's output for before/after comparisons).
 
 
 TYPES = {"reconstruction": ReconstructionEvaluator, "knn": KnnEvaluator,

@@ -5,11 +5,11 @@ import ml_collections
 
 from mae_jax.tasks.base import Aux, Task
 from mae_jax.tasks.finetune import FinetuneTask
-from mae_jax.tasks.linear_probe import LinearProbeTask
+from mae_jax.tasks.linear_probe import KnnTask, LinearProbeTask
 from mae_jax.tasks.pretrain import PretrainTask
 
 TASKS: dict[str, type[Task]] = {"pretrain": PretrainTask, "linear_probe": LinearProbeTask,
-                                 "finetune": FinetuneTask}
+                                 "knn": KnnTask, "finetune": FinetuneTask}
 
 
 def make_task(config: ml_collections.ConfigDict) -> Task:

@@ -4,7 +4,7 @@ A frozen encoder gives features (the cls token after the final norm, or with `po
 the normalised mean of the patch tokens); the head is BatchNorm without affine parameters
 (eps 1e-6, statistics over the global batch) and a linear layer, trained with LARS. The
 encoder is carried in the model state: no gradients flow into it and it has no optimizer
-state. Also the frozen-feature task for kNN (`configs/knn.py`).
+state. `KnnTask`: the same frozen features, evaluated by kNN only (`configs/knn.py`).
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ class LinearProbeTask(Task):
   """`config.model`: the encoder (ViTConfig fields); `config.num_classes`, `config.pool`."""
 
   name = "linear_probe"
+  title = "linear probe"  # in messages
   batch_keys = ("image", "label")
 
   def __init__(self, config: ml_collections.ConfigDict):
@@ -56,7 +57,7 @@ class LinearProbeTask(Task):
         or self.num_classes < 2:
       raise ValueError(f"config.num_classes must be an int >= 2, got {self.num_classes!r}")
     if not config.get("init_from"):
-      raise ValueError("a linear probe needs config.init_from: the pretrained encoder (an "
+      raise ValueError(f"a {self.title} needs config.init_from: the pretrained encoder (an "
                        "mae_jax workdir or params checkpoint, an official .pth, a Hugging "
                        f"Face directory), or {RANDOM!r} for the random-weights baseline")
 
@@ -80,8 +81,8 @@ class LinearProbeTask(Task):
     """The pretrained encoder's params, checked against `config.model` (COMPUTE_FIELDS and
     the image size may differ: the position embeddings are fixed sin-cos)."""
     if path == RANDOM:
-      logging.getLogger(__name__).warning("linear probe of a RANDOMLY initialised encoder "
-                                          "(init_from=%r): a baseline", RANDOM)
+      logging.getLogger(__name__).warning("%s of a RANDOMLY initialised encoder "
+                                          "(init_from=%r): a baseline", self.title, RANDOM)
       return None
     from mae_jax.weights import read  # the file readers, only when asked for
     # What a .pth cannot say (its head count) is the config's.
@@ -144,3 +145,17 @@ class LinearProbeTask(Task):
     return schedule, optim.lars(schedule, momentum=c.momentum,
                                 trust_coefficient=c.trust_coefficient,
                                 weight_decay=c.weight_decay)
+
+
+class KnnTask(LinearProbeTask):
+  """kNN accuracy of the frozen encoder (`configs/knn.py`): the linear probe's model and
+  data, only evaluated (`config.eval_only`, with a `knn` evaluator), and named as what it is."""
+
+  name = "knn"
+  title = "kNN"
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    super().__init__(config)
+    if not config.get("eval_only"):
+      raise ValueError("task 'knn' trains nothing: it needs config.eval_only=True "
+                       "(configs/knn.py); to train a head, task 'linear_probe'")

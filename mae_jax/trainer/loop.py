@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
-import threading
 import time
 
 import jax
@@ -27,6 +25,7 @@ import numpy as np
 from mae_jax import (checkpointing, compile_cache, evals, metrics as metrics_lib, models,
                      profiling, sharding, storage, tasks)
 from mae_jax.data import pipeline
+from mae_jax.trainer.preemption import Preemption
 from mae_jax.trainer.setup import (Plan, check_resumable, checkpoint_config,
                                    plan_and_optimizer, run_signature)
 from mae_jax.trainer.step import State, abstract_state, check_batch, create_state, \
@@ -37,34 +36,6 @@ log = logging.getLogger(__name__)
 
 def every(step: int, interval: int) -> bool:
   return interval > 0 and step % interval == 0
-
-
-class Preemption:
-  """Tells when to save and exit on SIGTERM (preemption), on one host or on all of them.
-
-  Multi-process runs use JAX's preemption sync point (every host saves at the same step);
-  a single process sets a flag from its own SIGTERM handler.
-  """
-
-  def __init__(self, manager, start_step: int):
-    self._manager = manager
-    self._start_step = start_step
-    self._flag = threading.Event()
-    self._multi = jax.process_count() > 1
-    if not self._multi and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
-
-  def reached(self, step: int) -> bool:
-    if not self._multi:
-      return self._flag.is_set()
-    # JAX's sync point is the call after the furthest host's last one, counted from 0: count
-    # this run's steps (1, 2, ...), or a SIGTERM before a resumed run's first step (while it
-    # restores and compiles) names a step that has passed, and no host ever stops.
-    return self._manager.reached_preemption(step - self._start_step)
-
-  def close(self) -> None:
-    if hasattr(self, "_previous"):
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def fetch(values: dict[str, jax.Array]) -> dict[str, float]:
@@ -176,7 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
 
     for evaluator in evaluators if step < plan.stop_step else ():
       if hasattr(evaluator, "start"):  # optional, see evals.Evaluator
-        evaluator.start(state, step)
+        evaluator.start(state, step, workdir)
     while step < plan.stop_step:
       wait_start = time.perf_counter()
       batch = next(data_iter)
@@ -224,6 +195,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> State
           checked(step, step_metrics)
           previous = None
         ckpt.save(step, state, saved_config, force=True)
+      if preempted and preemption.interrupted:
+        message = f"interrupted at step {step}, saved; run the same command to continue"
+        log.warning("%s", message)
+        raise KeyboardInterrupt(message)
       if preempted:
         log.warning("preempted (SIGTERM): saved step %d, exiting", step)
         break
@@ -274,6 +249,8 @@ def log_summary(workdir: str, first_step: int, step: int, seconds: float,
   log.info("checkpoint: %s", workdir / checkpointing.CHECKPOINTS / str(checkpoint_step))
   log.info("metrics: %s", workdir / "metrics.jsonl")
   log.info("tensorboard --logdir %s", workdir / "tensorboard")
+  if (workdir / "reconstructions").exists():
+    log.info("reconstructions: %s", workdir / "reconstructions")
 
 
 def start_from(task: tasks.Task, tx, state: State, loaded, shardings, mesh) -> State:
