@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import torch
 
-from mae_jax import export, init_params, mae_apply, model_config
+from mae_jax import init_params, mae_apply, model_config
+from mae_jax.weights import Weights, write
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
@@ -25,7 +26,7 @@ def test_torch_peer_gives_mae_jax_loss_for_the_same_weights_and_noise(tmp_path):
   keys = jax.random.split(jax.random.key(1), len(leaves))
   params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
                                      for x, k in zip(leaves, keys)])
-  export.export(params, config, tmp_path / "mae.pth", "official")
+  write.write(Weights("mae", params, config), "official", tmp_path / "mae.pth")
   state = torch.load(tmp_path / "mae.pth", weights_only=True)["model"]
   model = torch_mae.MAE(image_size=32, patch_size=8, width=32, depth=2, heads=2,
                         decoder_width=16, decoder_depth=2, decoder_heads=2)
