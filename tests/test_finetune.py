@@ -242,6 +242,37 @@ def test_adamw_with_layer_decay_matches_torch_param_groups():
   assert float(schedule(4)) == pytest.approx(1e-3)
 
 
+def test_the_task_builds_the_recipes_schedule_and_drop_path_rates():
+  """What FinetuneTask builds from configs/finetune.py (B/16 recipe, tiny model), checked
+  against the recipe written out: ImageNet-1k at batch 1024 is 1251 steps an epoch, 5 warmup
+  epochs to blr 5e-4 x 1024 / 256, cosine to min_lr 1e-6 at epoch 100; drop path rises
+  linearly from 0 at the first block to 0.1 at the last."""
+  from flax import linen as nn
+  from mae_jax.models import Block
+  from mae_jax.trainer import plan_and_optimizer
+  config = finetune.get_config().unlock()
+  config.model.update(**{**ENCODER, "depth": 3})
+  config.init_from = "random"
+  task = make_task(config.lock())
+  plan, schedule, _ = plan_and_optimizer(task.config, task, 1_281_167)
+  total, warmup, peak = 100 * 1251, 5 * 1251, 5e-4 * 1024 / 256
+  assert (plan.total_steps, plan.warmup_steps, plan.peak_lr) == (total, warmup,
+                                                                 pytest.approx(peak))
+  for step in (warmup, (warmup + total) // 2, total - 1000, total):
+    cosine = 0.5 * (1 + np.cos(np.pi * (step - warmup) / (total - warmup)))
+    assert float(schedule(step)) == pytest.approx(1e-6 + (peak - 1e-6) * cosine, rel=1e-4)
+  assert float(schedule(total)) == pytest.approx(1e-6, rel=1e-4)
+  rates = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, Block) and context.method_name == "__call__":
+      rates[context.module.name] = context.module.drop_path
+    return next_fun(*args, **kwargs)
+  with nn.intercept_methods(record):  # eagerly: every block is built
+    task.model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  assert rates == {f"blocks_{i}": pytest.approx(0.1 * i / 2) for i in range(3)}
+
+
 # --- Mixup / CutMix ----------------------------------------------------------------------------
 
 MIX = dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, smoothing=0.1)
@@ -319,6 +350,27 @@ def test_finetune_resumes_bitwise_and_keeps_the_best_checkpoint(tmp_path, demo_d
   assert results["classification/top1"] == top1[best_step]
 
 
+def test_best_checkpoint_is_replaced_only_by_a_strictly_better_evaluation(tmp_path):
+  """Evaluations 0.2, 0.5, 0.3, 0.5 at steps 1-4: best/ holds step 2 (the first 0.5: a tie
+  does not replace it), with its state; a reopened checkpointer knows 0.5 is the bar."""
+  from mae_jax.checkpointing import BestCheckpointer
+  metric = "classification/top1"
+  best = BestCheckpointer(str(tmp_path), metric)
+  for step, value in zip((1, 2, 3, 4), (0.2, 0.5, 0.3, 0.5)):
+    best.update(step, {"x": np.full(3, step, np.float32)}, {metric: value}, {"run": "a"})
+  best.update(5, {"x": np.full(3, 5, np.float32)}, {"other/metric": 0.9}, {"run": "a"})
+  best.close()
+  assert os.listdir(tmp_path / "best") == ["2"]
+  again = BestCheckpointer(str(tmp_path), metric)
+  assert again.value == 0.5
+  restored = again.manager.restore(2)
+  np.testing.assert_array_equal(restored["state"]["x"], np.full(3, 2, np.float32))
+  assert restored["config"] == {"run": "a", "best": {metric: 0.5, "step": 2}}
+  again.update(6, {"x": np.full(3, 6, np.float32)}, {metric: 0.4}, {"run": "a"})
+  again.close()
+  assert os.listdir(tmp_path / "best") == ["2"]
+
+
 @pytest.mark.parametrize("extra, error, match", [
     ({"model.width": 128}, ValueError, r"another encoder.*'width': \(64, 128\)"),
     ({"num_classes": 5}, ValueError, "num_classes is 5 but split 'train' has 8 classes"),
@@ -379,3 +431,35 @@ def test_randaugment_and_random_erasing_are_deterministic_and_keep_shape_and_dty
   assert 0.5 < a[a != 0].std() < 1.5  # standard normal noise
   never = randaugment.RandomErasing(0.0).random_map({"image": flat}, np.random.default_rng(5))
   np.testing.assert_array_equal(never["image"], flat)
+
+
+def test_randaugment_applies_each_op_with_probability_half_at_a_normal_magnitude(monkeypatch):
+  """Recorders in place of the 15 ops, over 2000 seeds (4000 draws of an op): the ops are
+  drawn uniformly, each applies with probability 0.5, at a level ~ N(9, 0.5) clipped to
+  [0, 10] (timm's rand-m9-mstd0.5); with mstd 0 every level is exactly 9."""
+  from mae_jax.data import randaugment
+  calls = []
+  for name in randaugment.OPS:
+    monkeypatch.setitem(randaugment.OPS, name,
+                        lambda im, lv, rng, fill, name=name: calls.append((name, lv)) or im)
+  image = np.zeros((4, 4, 3), np.uint8)
+  augment = randaugment.RandAugment("rand-m9-mstd0.5-inc1", (0.5,) * 3)
+  seeds = 2000
+  for seed in range(seeds):
+    augment.random_map({"image": image}, np.random.default_rng(seed))
+  draws = 2 * seeds  # n = 2 ops per image
+  assert abs(len(calls) / draws - 0.5) < 0.04  # binomial std 0.008
+  counts = np.array([sum(n == name for n, _ in calls) for name in randaugment.OPS])
+  assert counts.min() > 0.5 * len(calls) / 15 and counts.max() < 1.5 * len(calls) / 15
+  levels = np.array([lv for _, lv in calls])
+  assert levels.min() >= 0 and levels.max() == 10
+  # The clipped normal, from a million independent draws.
+  reference = np.clip(np.random.default_rng(0).normal(9, 0.5, 10**6), 0, 10)
+  assert abs(levels.mean() - reference.mean()) < 0.06  # std of the mean: 0.011
+  assert abs(levels.std() - reference.std()) < 0.05
+  assert abs((levels == 10).mean() - (reference == 10).mean()) < 0.02  # 2.3%
+  calls.clear()
+  fixed = randaugment.RandAugment("rand-m9-mstd0-inc1", (0.5,) * 3)
+  for seed in range(200):
+    fixed.random_map({"image": image}, np.random.default_rng(seed))
+  assert calls and {lv for _, lv in calls} == {9.0}
