@@ -5,7 +5,6 @@ against the arrays' own sizes.
 Every compile for a slice runs in a subprocess, so that libtpu's TPU runtime never starts in
 this process, which keeps its 8 fake CPU devices.
 """
-import importlib.util
 import json
 import math
 import os
@@ -25,9 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"model.image_size": 32, "model.width": 32, "model.depth": 1, "model.num_heads": 2,
         "model.decoder_width": 32, "model.decoder_depth": 1, "model.decoder_num_heads": 2,
         "batch_size": 32}
-needs_libtpu = pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None,
-    reason="libtpu is not installed (pip install -e '.[tpu]'): TPU compiles are not tested")
+needs_libtpu = pytest.mark.requires("libtpu")  # conftest: skipped without it, failed in CI
 
 
 def run(args, **kwargs):
