@@ -311,6 +311,50 @@ def test_mixed_labels_sum_to_one_and_equal_the_pasted_fraction():
   np.testing.assert_array_equal(targets, jax.nn.one_hot(labels, classes))
 
 
+@pytest.mark.parametrize("lam,height,width", [(0.75, 32, 20), (0.19, 12, 30)])
+def test_cutmix_box_is_timms_rand_bbox(lam, height, width):
+  """timm's rand_bbox: sides int(side * sqrt(1 - lam)), centre uniform over the image, the
+  box clipped at the border; the returned lam is the area left outside it."""
+  from mae_jax.mixup import cutmix_box
+  cut_h, cut_w = int(height * np.sqrt(1 - lam)), int(width * np.sqrt(1 - lam))
+  sides, edges = set(), set()
+  masks, kepts = jax.jit(jax.vmap(lambda key: cutmix_box(key, jnp.float32(lam), height, width)))(
+      jax.vmap(jax.random.key)(jnp.arange(60)))
+  for mask, kept in zip(np.asarray(masks), np.asarray(kepts)):
+    rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+    y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    assert mask.sum() == (y1 - y0) * (x1 - x0)  # one rectangle
+    assert float(kept) == pytest.approx(1 - mask.mean(), abs=1e-6)
+    assert y1 - y0 <= 2 * (cut_h // 2) and x1 - x0 <= 2 * (cut_w // 2)
+    sides.add((y1 - y0, x1 - x0))
+    edges |= {("top", y0 == 0), ("bottom", y1 == height), ("left", x0 == 0),
+              ("right", x1 == width)}
+  assert (2 * (cut_h // 2), 2 * (cut_w // 2)) in sides  # whole where not clipped ...
+  assert all((edge, clipped) in edges for edge in ("top", "bottom", "left", "right")
+             for clipped in (True, False))  # ... clipped at each border by some centres
+
+
+def test_mix_batch_applies_with_prob_and_switches_with_switch_prob():
+  """Over 300 draws: mixing applies with probability `prob`, CutMix (the batch's pixels
+  swapped, not blended) with probability `switch_prob` when both are on; with one alpha at 0
+  only the other kind."""
+  images = jnp.broadcast_to(jnp.arange(1.0, 5.0)[:, None, None, None], (4, 8, 8, 1))
+  labels = jnp.arange(4)
+
+  def kinds(**kw):
+    first = jax.jit(jax.vmap(lambda key: mix_batch(key, images, labels, 4, **{
+        **MIX, "smoothing": 0.0, **kw})[0][0]))(jax.vmap(jax.random.key)(jnp.arange(300)))
+    first = np.asarray(first).reshape(300, -1)  # image 0 of each mixed batch
+    none = (first == 1).all(1)  # (or a CutMix box of 0 pixels: lam near 1)
+    cutmix = np.isin(first, (1.0, 4.0)).all(1) & ~none
+    return {"none": none.mean(), "cutmix": cutmix.mean(), "mixup": 1 - (none | cutmix).mean()}
+  both = kinds(prob=0.6, switch_prob=0.3)
+  assert abs(both["none"] - 0.4) < 0.1 and abs(both["cutmix"] - 0.6 * 0.3) < 0.1
+  assert kinds(cutmix_alpha=0.0)["cutmix"] == 0.0
+  only_cutmix = kinds(mixup_alpha=0.0, prob=1.0)
+  assert only_cutmix["mixup"] == 0.0 and only_cutmix["cutmix"] > 0.85
+
+
 # --- Through the trainer ---------------------------------------------------------------------
 
 def test_finetune_resumes_bitwise_and_keeps_the_best_checkpoint(tmp_path, demo_dir,
@@ -463,3 +507,103 @@ def test_randaugment_applies_each_op_with_probability_half_at_a_normal_magnitude
   for seed in range(200):
     fixed.random_map({"image": image}, np.random.default_rng(seed))
   assert calls and {lv for _, lv in calls} == {9.0}
+
+
+TIMM_INCREASING = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
+                   "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
+                   "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
+                   "TranslateXRel", "TranslateYRel")  # timm's _RAND_INCREASING_TRANSFORMS
+
+
+# timm's increasing ops at level lv of 10 (auto_augment.py), written out with PIL: sign -1 or
+# +1 is the op's draw. Shear 0.3, translate 0.45 of the side, rotate 30 degrees, enhance 1 +- 0.9.
+def timm_op(name, im, lv, sign, fill):
+  affine = lambda m: im.transform(im.size, Image.Transform.AFFINE, m,
+                                  resample=Image.Resampling.BICUBIC, fillcolor=fill)
+  enhance = lambda kind: kind(im).enhance(1 + sign * lv / 10 * 0.9)
+  from PIL import ImageEnhance, ImageOps
+  return {
+      "AutoContrast": lambda: ImageOps.autocontrast(im),
+      "Equalize": lambda: ImageOps.equalize(im),
+      "Invert": lambda: ImageOps.invert(im),
+      "Rotate": lambda: im.rotate(sign * lv / 10 * 30, resample=Image.Resampling.BICUBIC,
+                                  fillcolor=fill),
+      "PosterizeIncreasing": lambda: ImageOps.posterize(im, 4 - int(lv / 10 * 4)),
+      "SolarizeIncreasing": lambda: ImageOps.solarize(im, 256 - int(lv / 10 * 256)),
+      "SolarizeAdd": lambda: Image.fromarray(np.where(
+          np.asarray(im) < 128, np.minimum(255, np.asarray(im) + int(lv / 10 * 110)),
+          np.asarray(im)).astype(np.uint8)),
+      "ColorIncreasing": lambda: enhance(ImageEnhance.Color),
+      "ContrastIncreasing": lambda: enhance(ImageEnhance.Contrast),
+      "BrightnessIncreasing": lambda: enhance(ImageEnhance.Brightness),
+      "SharpnessIncreasing": lambda: enhance(ImageEnhance.Sharpness),
+      "ShearX": lambda: affine((1, sign * lv / 10 * 0.3, 0, 0, 1, 0)),
+      "ShearY": lambda: affine((1, 0, 0, sign * lv / 10 * 0.3, 1, 0)),
+      "TranslateXRel": lambda: affine((1, 0, sign * lv / 10 * 0.45 * im.size[0], 0, 1, 0)),
+      "TranslateYRel": lambda: affine((1, 0, 0, 0, 1, sign * lv / 10 * 0.45 * im.size[1])),
+  }[name]()
+
+
+@pytest.mark.parametrize("lv", [3.7, 7.3])
+def test_randaugment_ops_are_timms_at_their_level(lv):
+  from mae_jax.data import randaugment
+  image = np.random.default_rng(0).integers(0, 256, (24, 20, 3), dtype=np.uint8)
+  fill = (124, 116, 104)
+  assert set(randaugment.OPS) == set(TIMM_INCREASING)
+  signs = set()
+  for seed in (0, 2):  # the first draws: 0.64 (sign +1) and 0.26 (sign -1)
+    sign = -1 if np.random.default_rng(seed).random() < 0.5 else 1
+    signs.add(sign)
+    for name, op in randaugment.OPS.items():
+      got = np.asarray(op(Image.fromarray(image), lv, np.random.default_rng(seed), fill))
+      want = np.asarray(timm_op(name, Image.fromarray(image), lv, sign, fill))
+      np.testing.assert_array_equal(got, want, err_msg=f"{name} at {lv}, sign {sign}")
+  assert signs == {-1, 1}
+  # Level 10: posterize keeps no bit (black), solarize inverts every pixel.
+  assert not np.asarray(randaugment.OPS["PosterizeIncreasing"](
+      Image.fromarray(image), 10.0, None, fill)).any()
+  np.testing.assert_array_equal(randaugment.OPS["SolarizeIncreasing"](
+      Image.fromarray(image), 10.0, None, fill), 255 - image)
+
+
+def test_randaugment_spec_and_fill():
+  from mae_jax.data import randaugment
+  assert randaugment.parse_spec("rand-m9-mstd0.5-inc1") == {"m": 9.0, "n": 2.0, "mstd": 0.5}
+  assert randaugment.parse_spec("rand-n3-m7") == {"m": 7.0, "n": 3.0, "mstd": 0.0}
+  for spec, match in [("auto-m9", "must start with 'rand-'"), ("rand-m9-inc0", "only the "
+                      "increasing ops"), ("rand-mx", "cannot read 'mx'"), ("rand-q1", "'q1'")]:
+    with pytest.raises(ValueError, match=match):
+      randaugment.parse_spec(spec)
+  augment = randaugment.RandAugment("rand-n3-m7", (0.485, 0.456, 0.406))
+  assert (augment.num_ops, augment.magnitude, augment.std) == (3, 7.0, 0.0)
+  assert augment.fill == (124, 116, 104)  # the ImageNet mean in 0-255
+  assert randaugment.RandAugment("rand-m9", (1.0, 1.01, 0.0)).fill == (255, 255, 0)
+
+
+def test_random_erasing_boxes_follow_timms_ranges():
+  """timm's RandomErasing(mode='pixel'): with probability p one box of 2-33% of the area, of
+  aspect ratio 0.3-3.3 (log-uniform), filled with standard normal noise."""
+  from mae_jax.data import randaugment
+  image = np.zeros((40, 40, 3), np.float32)
+  areas, aspects, erased = [], [], 0
+  for seed in range(600):
+    out = randaugment.RandomErasing(0.25).random_map({"image": image},
+                                                     np.random.default_rng(seed))["image"]
+    erased += bool(out.any())
+    box = randaugment.RandomErasing(1.0).random_map({"image": image},
+                                                    np.random.default_rng(seed))["image"]
+    rows, cols = np.nonzero(box.any(-1))
+    h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert len(rows) == h * w  # one filled box
+    areas.append(h * w / 1600)
+    aspects.append(h / w)
+  assert abs(erased / 600 - 0.25) < 0.06  # binomial std 0.018
+  areas, aspects = np.array(areas), np.log(aspects)
+  assert 0.015 < areas.min() < 0.04 and 0.28 < areas.max() < 0.37  # rounded sides
+  assert abs(areas.mean() - (0.02 + 1 / 3) / 2) < 0.03
+  assert -1.5 < aspects.min() < -0.9 and 0.9 < aspects.max() < 1.5  # log 0.3 = -1.2
+  assert abs(aspects.mean()) < 0.1
+  noise = randaugment.RandomErasing(1.0).random_map({"image": image},
+                                                    np.random.default_rng(0))["image"]
+  values = noise[noise != 0]
+  assert abs(values.mean()) < 0.2 and abs(values.std() - 1) < 0.2
