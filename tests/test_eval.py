@@ -175,6 +175,12 @@ def test_padding_rows_scored_for_class_0_count_for_nothing():
   assert accuracies(got) == {"top1": 0.5, "top5": 0.75, "count": 4}
 
 
+def test_top5_is_the_five_highest_scores():
+  scores = jnp.asarray(np.tile(np.linspace(0.7, 0.1, 7, dtype=np.float32), (3, 1)))
+  got = topk_correct(scores, jnp.array([4, 5, 0]), jnp.ones(3, jnp.int32))
+  assert (int(got["top1"]), int(got["top5"])) == (1, 2)  # ranks 5 and 1 in, rank 6 out
+
+
 def numpy_lars(params, grads_seq, lrs, momentum=0.9, trust=0.001, wd=0.0):
   """The reference's LARS (util/lars.py), written out in numpy."""
   params = {k: np.array(v, np.float64) for k, v in params.items()}
@@ -210,6 +216,23 @@ def test_lars_matches_the_reference_under_a_changing_lr():
     np.testing.assert_allclose(p[k], want[k], rtol=1e-5, atol=1e-7)
   # The 1-D bias saw neither decay nor trust scaling: plain momentum SGD.
   assert not np.allclose(want["bias"], params["bias"] - 2.0 * 1e-3 * grads_seq[0]["bias"])
+  # The defaults are the reference's (momentum 0.9, trust 0.001, no weight decay); norms
+  # below 1 this time.
+  params = jax.tree.map(lambda x: 0.1 * x, params)
+  grads_seq = jax.tree.map(lambda x: 0.01 * x, grads_seq)
+  tx = optim.lars(schedule)
+  p = jax.tree.map(jnp.asarray, params)
+  state = tx.init(p)
+  for grads in grads_seq:
+    updates, state = tx.update(jax.tree.map(jnp.asarray, grads), state, p)
+    p = optax.apply_updates(p, updates)
+  want = numpy_lars(params, grads_seq, [float(schedule(i)) for i in range(4)])
+  for k in params:
+    np.testing.assert_allclose(p[k], want[k], rtol=1e-5, atol=1e-8)
+  # |d| = 0 (no gradient, no decay) with |p| > 0: ratio 1, a zero direction, not 0 / 0.
+  d, _ = optim.lars_direction(0.0, 0.001).update({"w": jnp.zeros((2, 2))}, None,
+                                                 {"w": jnp.ones((2, 2))})
+  np.testing.assert_array_equal(d["w"], 0.0)
 
 
 def test_knn_votes_by_hand():
@@ -223,6 +246,12 @@ def test_knn_votes_by_hand():
   scores = knn_scores(query, bank, labels, valid, num_classes=3, k=4, temperature=0.5)
   np.testing.assert_allclose(scores, [[np.exp(2.0), np.exp(1.6) + np.exp(0.0), np.exp(-2.0)]],
                              rtol=1e-6)
+  # Only the directions count (both sides are normalised), and with k past the 4 valid rows
+  # the padding row is drawn (similarity -inf) but weighs nothing.
+  scales = jnp.array([[3.0], [0.5], [2.0], [7.0], [1.0]])
+  again = knn_scores(3 * query, scales * bank, labels, valid, num_classes=3, k=5,
+                     temperature=0.5)
+  np.testing.assert_allclose(again, scores, rtol=1e-6)
 
 
 def run_digits(workdir, arg, *flags):

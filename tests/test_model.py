@@ -36,6 +36,10 @@ def test_patchify_round_trip_and_order():
 def test_patchify_rejects_indivisible():
   with pytest.raises(ValueError, match="not divisible"):
     patchify(jnp.zeros((1, 10, 8, 3)), 4)
+  # unpatchify: a grid that is not N patches, or patch vectors that are not p*p*C long.
+  for shape, grid in [((1, 6, 48), (2, 2)), ((1, 6, 40), (3, 2)), ((1, 5, 48), None)]:
+    with pytest.raises(ValueError, match="cannot unpatchify"):
+      unpatchify(jnp.zeros(shape), 4, grid)
 
 
 def test_masking_counts_and_randomness():
@@ -81,6 +85,8 @@ def test_masking_follows_argsort_rule_for_given_noise():
 def test_masking_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     random_masking(jnp.zeros((4, 16, 3)), 0.75, **kwargs)
+  with pytest.raises(TypeError):  # noise and rng are keyword-only: never mistaken for another
+    random_masking(jnp.zeros((4, 16, 3)), 0.75, jnp.zeros((4, 16)))
 
 
 def test_masking_rejects_bad_ratio():
@@ -105,6 +111,7 @@ def test_sincos_2d_values():
   omega = 1 / 10000 ** (np.arange(2) / 2)
   want = np.concatenate([np.sin(c * omega), np.cos(c * omega), np.sin(r * omega), np.cos(r * omega)])
   np.testing.assert_allclose(emb[1 + r * 3 + c], want, rtol=1e-6)
+  np.testing.assert_array_equal(sincos_2d(8, 3), emb[1:])  # no cls row unless asked for
 
 
 def test_loss_hand_computed():
