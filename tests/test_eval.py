@@ -249,9 +249,13 @@ def test_knn_votes_by_hand():
   # Only the directions count (both sides are normalised), and with k past the 4 valid rows
   # the padding row is drawn (similarity -inf) but weighs nothing.
   scales = jnp.array([[3.0], [0.5], [2.0], [7.0], [1.0]])
-  again = knn_scores(3 * query, scales * bank, labels, valid, num_classes=3, k=5,
+  queries = jnp.array([[6.0, 0.0], [1.0, 1.0]])  # the second: similarities 0.71, 0.71, 0.99, -0.71
+  again = knn_scores(queries, scales * bank, labels, valid, num_classes=3, k=5,
                      temperature=0.5)
-  np.testing.assert_allclose(again, scores, rtol=1e-6)
+  sims = np.array([0.5 ** 0.5, 0.5 ** 0.5, 1.4 / 2 ** 0.5, -(0.5 ** 0.5)])
+  second = [np.exp(sims[0] / 0.5), np.exp(sims[1] / 0.5) + np.exp(sims[2] / 0.5),
+            np.exp(sims[3] / 0.5)]
+  np.testing.assert_allclose(again, np.concatenate([scores, [second]]), rtol=1e-6)
 
 
 def run_digits(workdir, arg, *flags):

@@ -92,6 +92,8 @@ def test_interpolated_position_embeddings_keep_the_cls_row_and_match_torch():
                                            align_corners=False)
     want = want.permute(0, 2, 3, 1).reshape(1, grid * grid, 8).numpy()
     np.testing.assert_allclose(out[:, 1:], want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="embeddings of 5 patches are not a square grid"):
+    interpolate_pos_embed(table[:, :6], 4)
 
 
 # --- Fine-tuned checkpoints against reference forwards ------------------------------------------
@@ -570,6 +572,7 @@ def test_randaugment_spec_and_fill():
   from mae_jax.data import randaugment
   assert randaugment.parse_spec("rand-m9-mstd0.5-inc1") == {"m": 9.0, "n": 2.0, "mstd": 0.5}
   assert randaugment.parse_spec("rand-n3-m7") == {"m": 7.0, "n": 3.0, "mstd": 0.0}
+  assert randaugment.parse_spec("rand-inc1") == {"m": 10.0, "n": 2.0, "mstd": 0.0}  # timm's
   for spec, match in [("auto-m9", "must start with 'rand-'"), ("rand-m9-inc0", "only the "
                       "increasing ops"), ("rand-mx", "cannot read 'mx'"), ("rand-q1", "'q1'")]:
     with pytest.raises(ValueError, match=match):
@@ -587,8 +590,8 @@ def test_random_erasing_boxes_follow_timms_ranges():
   image = np.zeros((40, 40, 3), np.float32)
   areas, aspects, erased = [], [], 0
   for seed in range(600):
-    out = randaugment.RandomErasing(0.25).random_map({"image": image},
-                                                     np.random.default_rng(seed))["image"]
+    out = randaugment.RandomErasing().random_map({"image": image},  # p 0.25, the recipe's
+                                                 np.random.default_rng(seed))["image"]
     erased += bool(out.any())
     box = randaugment.RandomErasing(1.0).random_map({"image": image},
                                                     np.random.default_rng(seed))["image"]
@@ -607,3 +610,44 @@ def test_random_erasing_boxes_follow_timms_ranges():
                                                     np.random.default_rng(0))["image"]
   values = noise[noise != 0]
   assert abs(values.mean()) < 0.2 and abs(values.std() - 1) < 0.2
+
+
+class ScriptedRng:
+  """A numpy Generator stand-in that answers `random` and `uniform` from scripts (and the
+  box's position and noise plainly), counting the `uniform` calls."""
+
+  def __init__(self, random, uniforms):
+    self.randoms, self.uniforms, self.uniform_calls = list(random), list(uniforms), 0
+
+  def random(self):
+    return self.randoms.pop(0)
+
+  def uniform(self, low, high):
+    self.uniform_calls += 1
+    return self.uniforms.pop(0)
+
+  def integers(self, low, high):
+    return high - 1  # the last position: the box touches the bottom / right border
+
+  def normal(self, size):
+    return np.ones(size)
+
+
+def test_random_erasing_edges_as_timm():
+  """On a 10 x 10 image: a box as wide (or as tall) as the image is refused; after timm's 10
+  refused tries the image is left as it is; a box may touch the right and bottom borders;
+  probability 0 never erases, even on a draw of exactly 0."""
+  from mae_jax.data import randaugment
+  image = np.zeros((10, 10, 1), np.float32)
+  erase = randaugment.RandomErasing(1.0)
+  third = 1 / 3  # area 1/3 of 100 pixels at aspect 1/3 (3 x 10) or 3 (10 x 3)
+  for log_aspect in (np.log(third), np.log(3)):
+    rng = ScriptedRng([0.0], [third, log_aspect] * 10)
+    np.testing.assert_array_equal(erase.random_map({"image": image}, rng)["image"], image)
+    assert rng.uniform_calls == 20 and not rng.uniforms  # 10 tries of (area, aspect)
+  rng = ScriptedRng([0.0], [0.09, 0.0])  # 9 pixels, square: 3 x 3, at the last position
+  out = erase.random_map({"image": image}, rng)["image"]
+  np.testing.assert_array_equal(out[7:, 7:], 1.0)
+  assert out.sum() == 9
+  never = randaugment.RandomErasing(0.0).random_map({"image": image}, ScriptedRng([0.0], []))
+  np.testing.assert_array_equal(never["image"], image)

@@ -280,9 +280,10 @@ def test_lr_schedule_needs_warmup_inside_the_run():
 def test_optimizer_hyperparameters_are_keyword_only():
   """A positional number is never taken for another hyperparameter."""
   schedule = optim.lr_schedule(1.0, 1, 10)
-  for make in (optim.make_optimizer, optim.lars, optim.adamw_layer_decay):
-    with pytest.raises(TypeError):
-      make(schedule, 0.05)
+  for make, args in [(optim.make_optimizer, (0.05, 0.9, 0.95)), (optim.lars, (0.9,)),
+                     (optim.adamw_layer_decay, (0.05, 0.9, 0.999, {}, {}))]:
+    with pytest.raises(TypeError, match="positional argument"):
+      make(schedule, *args)  # all it needs, by position
 
 
 def test_run_optimizer_is_the_papers_adamw():
