@@ -509,6 +509,12 @@ def test_randaugment_applies_each_op_with_probability_half_at_a_normal_magnitude
   for seed in range(200):
     fixed.random_map({"image": image}, np.random.default_rng(seed))
   assert calls and {lv for _, lv in calls} == {9.0}
+  calls.clear()
+  low = randaugment.RandAugment("rand-m0-mstd1-inc1", (0.5,) * 3)  # half the draws below 0
+  for seed in range(100):
+    low.random_map({"image": image}, np.random.default_rng(seed))
+  levels = np.array([lv for _, lv in calls])
+  assert levels.min() == 0.0 and 0.3 < (levels == 0).mean() < 0.7
 
 
 TIMM_INCREASING = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
@@ -616,8 +622,9 @@ class ScriptedRng:
   """A numpy Generator stand-in that answers `random` and `uniform` from scripts (and the
   box's position and noise plainly), counting the `uniform` calls."""
 
-  def __init__(self, random, uniforms):
+  def __init__(self, random, uniforms, last=True):
     self.randoms, self.uniforms, self.uniform_calls = list(random), list(uniforms), 0
+    self.last = last
 
   def random(self):
     return self.randoms.pop(0)
@@ -627,7 +634,7 @@ class ScriptedRng:
     return self.uniforms.pop(0)
 
   def integers(self, low, high):
-    return high - 1  # the last position: the box touches the bottom / right border
+    return high - 1 if self.last else low  # the box touches the bottom right or top left
 
   def normal(self, size):
     return np.ones(size)
@@ -635,8 +642,8 @@ class ScriptedRng:
 
 def test_random_erasing_edges_as_timm():
   """On a 10 x 10 image: a box as wide (or as tall) as the image is refused; after timm's 10
-  refused tries the image is left as it is; a box may touch the right and bottom borders;
-  probability 0 never erases, even on a draw of exactly 0."""
+  refused tries the image is left as it is; a box may touch the right and bottom borders
+  and the top and left ones; probability 0 never erases, even on a draw of exactly 0."""
   from mae_jax.data import randaugment
   image = np.zeros((10, 10, 1), np.float32)
   erase = randaugment.RandomErasing(1.0)
@@ -648,6 +655,9 @@ def test_random_erasing_edges_as_timm():
   rng = ScriptedRng([0.0], [0.09, 0.0])  # 9 pixels, square: 3 x 3, at the last position
   out = erase.random_map({"image": image}, rng)["image"]
   np.testing.assert_array_equal(out[7:, 7:], 1.0)
+  assert out.sum() == 9
+  out = erase.random_map({"image": image}, ScriptedRng([0.0], [0.09, 0.0], last=False))["image"]
+  np.testing.assert_array_equal(out[:3, :3], 1.0)
   assert out.sum() == 9
   never = randaugment.RandomErasing(0.0).random_map({"image": image}, ScriptedRng([0.0], []))
   np.testing.assert_array_equal(never["image"], image)

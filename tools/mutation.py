@@ -38,46 +38,46 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "build", "mutation")
 
-# module -> (the fast tests that cover it, the functions to mutate (None: all of it))
+def tests(path: str, *names: str) -> list[str]:
+  return [f"tests/{path}::test_{name}" for name in names]
+
+
+# module -> (the fast tests that cover it, quickest first; the functions to mutate (None: all)).
+# EvalData and KnnEvaluator read splits onto a mesh: the trainer's tests cover them.
 MODULES = {
-    "losses": (["tests/test_model.py::test_loss_hand_computed",
-                "tests/test_model.py::test_loss_averages_every_removed_patch_and_is_0_with_none"],
-               None),
-    "masking": (["tests/test_model.py::test_masking_rejects_bad_ratio",
-                 "tests/test_model.py::test_masking_errors",
-                 "tests/test_model.py::test_masking_follows_argsort_rule_for_given_noise",
-                 "tests/test_model.py::test_masking_counts_and_randomness"], None),
-    "patches": (["tests/test_model.py::test_patchify_round_trip_and_order",
-                 "tests/test_model.py::test_patchify_rejects_indivisible"], None),
-    "posemb": (["tests/test_model.py::test_sincos_2d_values"], None),
-    "optim": (["tests/test_train.py::test_lr_schedule_needs_warmup_inside_the_run",
-               "tests/test_train.py::test_optimizer_hyperparameters_are_keyword_only",
-               "tests/test_eval.py::test_lars_matches_the_reference_under_a_changing_lr",
-               "tests/test_finetune.py::test_adamw_with_layer_decay_matches_torch_param_groups",
-               "tests/test_train.py::test_lr_schedule_matches_recipe",
-               "tests/test_train.py::test_run_optimizer_is_the_papers_adamw",
-               "tests/test_train.py::test_weight_decay_mask_matches_recipe"], None),
-    "mixup": (["tests/test_finetune.py::test_cutmix_box_is_timms_rand_bbox",
-               "tests/test_finetune.py::test_mixed_labels_sum_to_one_and_equal_the_pasted_fraction",
-               "tests/test_finetune.py::test_mix_batch_applies_with_prob_and_switches_with_"
-               "switch_prob"], None),
-    "data/randaugment": (["tests/test_finetune.py::test_randaugment_spec_and_fill",
-                          "tests/test_finetune.py::test_randaugment_ops_are_timms_at_their_level",
-                          "tests/test_finetune.py::test_randaugment_applies_each_op_with_"
-                          "probability_half_at_a_normal_magnitude",
-                          "tests/test_finetune.py::test_random_erasing_boxes_follow_timms_ranges",
-                          "tests/test_finetune.py::test_randaugment_and_random_erasing_are_"
-                          "deterministic_and_keep_shape_and_dtype"], None),
-    # EvalData and KnnEvaluator read splits onto a mesh: the trainer's tests cover them.
-    "evals/common": (["tests/test_eval.py::test_padding_rows_scored_for_class_0_count_for_nothing",
-                      "tests/test_eval.py::test_top5_is_the_five_highest_scores",
-                      "tests/test_eval.py::test_eval_loader_over_two_hosts_sees_every_example_once"],
+    "losses": (tests("test_model.py", "loss_hand_computed",
+                     "loss_averages_every_removed_patch_and_is_0_with_none"), None),
+    "masking": (tests("test_model.py", "masking_rejects_bad_ratio", "masking_errors",
+                      "masking_follows_argsort_rule_for_given_noise",
+                      "masking_counts_and_randomness"), None),
+    "patches": (tests("test_model.py", "patchify_round_trip_and_order",
+                      "patchify_rejects_indivisible"), None),
+    "posemb": (tests("test_model.py", "sincos_2d_values"), None),
+    "optim": (tests("test_train.py", "lr_schedule_needs_warmup_inside_the_run",
+                    "optimizer_hyperparameters_are_keyword_only") +
+              tests("test_eval.py", "lars_matches_the_reference_under_a_changing_lr") +
+              tests("test_finetune.py", "adamw_with_layer_decay_matches_torch_param_groups") +
+              tests("test_train.py", "lr_schedule_matches_recipe",
+                    "run_optimizer_is_the_papers_adamw", "weight_decay_mask_matches_recipe"),
+              None),
+    "mixup": (tests("test_finetune.py", "cutmix_box_is_timms_rand_bbox",
+                    "mixed_labels_sum_to_one_and_equal_the_pasted_fraction",
+                    "mix_batch_applies_with_prob_and_switches_with_switch_prob"), None),
+    "data/randaugment": (tests("test_finetune.py", "randaugment_spec_and_fill",
+                               "random_erasing_edges_as_timm",
+                               "randaugment_ops_are_timms_at_their_level",
+                               "randaugment_applies_each_op_with_probability_half_at_a_normal_"
+                               "magnitude", "random_erasing_boxes_follow_timms_ranges",
+                               "randaugment_and_random_erasing_are_deterministic_and_keep_shape_"
+                               "and_dtype"), None),
+    "evals/common": (tests("test_eval.py", "padding_rows_scored_for_class_0_count_for_nothing",
+                           "top5_is_the_five_highest_scores",
+                           "eval_loader_over_two_hosts_sees_every_example_once"),
                      ("topk_correct", "accuracies")),
-    "evals/knn": (["tests/test_eval.py::test_knn_votes_by_hand"], ("knn_scores",)),
-    "classifier": (["tests/test_finetune.py::test_interpolated_position_embeddings_keep_the_cls_"
-                    "row_and_match_torch",
-                    "tests/test_finetune.py::test_layer_decay_scales_and_weight_decay_mask_"
-                    "parameter_by_parameter"],
+    "evals/knn": (tests("test_eval.py", "knn_votes_by_hand"), ("knn_scores",)),
+    "classifier": (tests("test_finetune.py",
+                         "interpolated_position_embeddings_keep_the_cls_row_and_match_torch",
+                         "layer_decay_scales_and_weight_decay_mask_parameter_by_parameter"),
                    ("layer_id", "interpolate_pos_embed", "_bicubic_matrix")),
 }
 
