@@ -336,23 +336,34 @@ def test_cutmix_box_is_timms_rand_bbox(lam, height, width):
              for clipped in (True, False))  # ... clipped at each border by some centres
 
 
+def test_cutmix_box_of_a_sliver_is_empty():
+  """lam 0.99 on 40 x 8: the box is 4 rows by int(0.8) = 0 columns, empty wherever its
+  centre falls (timm clips [cx - 0, cx + 0) to nothing), so nothing is pasted."""
+  from mae_jax.mixup import cutmix_box
+  masks, kepts = jax.jit(jax.vmap(lambda key: cutmix_box(key, jnp.float32(0.99), 40, 8)))(
+      jax.vmap(jax.random.key)(jnp.arange(60)))
+  assert not np.asarray(masks).any() and (np.asarray(kepts) == 1.0).all()
+
+
 def test_mix_batch_applies_with_prob_and_switches_with_switch_prob():
   """Over 300 draws: mixing applies with probability `prob`, CutMix (the batch's pixels
   swapped, not blended) with probability `switch_prob` when both are on; with one alpha at 0
   only the other kind."""
-  images = jnp.broadcast_to(jnp.arange(1.0, 5.0)[:, None, None, None], (4, 8, 8, 1))
+  images = jnp.broadcast_to(jnp.arange(1.0, 5.0)[:, None, None, None], (4, 8, 12, 1))
   labels = jnp.arange(4)
 
   def kinds(**kw):
-    first = jax.jit(jax.vmap(lambda key: mix_batch(key, images, labels, 4, **{
-        **MIX, "smoothing": 0.0, **kw})[0][0]))(jax.vmap(jax.random.key)(jnp.arange(300)))
-    first = np.asarray(first).reshape(300, -1)  # image 0 of each mixed batch
+    first, targets = jax.jit(jax.vmap(lambda key: jax.tree.map(
+        lambda x: x[0], mix_batch(key, images, labels, 4, **{**MIX, "smoothing": 0.0, **kw}))))(
+            jax.vmap(jax.random.key)(jnp.arange(300)))
+    first = np.asarray(first).reshape(300, -1)  # image 0 of each mixed batch, its target
     none = (first == 1).all(1)  # (or a CutMix box of 0 pixels: lam near 1)
+    np.testing.assert_array_equal(np.asarray(targets)[none], np.eye(4)[[0] * none.sum()])
     cutmix = np.isin(first, (1.0, 4.0)).all(1) & ~none
     return {"none": none.mean(), "cutmix": cutmix.mean(), "mixup": 1 - (none | cutmix).mean()}
   both = kinds(prob=0.6, switch_prob=0.3)
   assert abs(both["none"] - 0.4) < 0.1 and abs(both["cutmix"] - 0.6 * 0.3) < 0.1
-  assert kinds(cutmix_alpha=0.0)["cutmix"] == 0.0
+  assert kinds(cutmix_alpha=0.0)["mixup"] == 1.0
   only_cutmix = kinds(mixup_alpha=0.0, prob=1.0)
   assert only_cutmix["mixup"] == 0.0 and only_cutmix["cutmix"] > 0.85
 

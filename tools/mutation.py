@@ -61,6 +61,7 @@ MODULES = {
                     "run_optimizer_is_the_papers_adamw", "weight_decay_mask_matches_recipe"),
               None),
     "mixup": (tests("test_finetune.py", "cutmix_box_is_timms_rand_bbox",
+                    "cutmix_box_of_a_sliver_is_empty",
                     "mixed_labels_sum_to_one_and_equal_the_pasted_fraction",
                     "mix_batch_applies_with_prob_and_switches_with_switch_prob"), None),
     "data/randaugment": (tests("test_finetune.py", "randaugment_spec_and_fill",
