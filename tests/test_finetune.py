@@ -364,6 +364,8 @@ def test_mix_batch_applies_with_prob_and_switches_with_switch_prob():
   both = kinds(prob=0.6, switch_prob=0.3)
   assert abs(both["none"] - 0.4) < 0.1 and abs(both["cutmix"] - 0.6 * 0.3) < 0.1
   assert kinds(cutmix_alpha=0.0)["mixup"] == 1.0
+  with pytest.raises(TypeError):  # keyword-only: a positional alpha is never a probability
+    mix_batch(jax.random.key(0), images, labels, 4, *MIX.values())
   only_cutmix = kinds(mixup_alpha=0.0, prob=1.0)
   assert only_cutmix["mixup"] == 0.0 and only_cutmix["cutmix"] > 0.85
 
