@@ -319,9 +319,9 @@ def test_cutmix_box_is_timms_rand_bbox(lam, height, width):
   box clipped at the border; the returned lam is the area left outside it."""
   from mae_jax.mixup import cutmix_box
   cut_h, cut_w = int(height * np.sqrt(1 - lam)), int(width * np.sqrt(1 - lam))
-  sides, edges = set(), set()
+  sides, edges, top_rows, left_cols = set(), set(), set(), set()
   masks, kepts = jax.jit(jax.vmap(lambda key: cutmix_box(key, jnp.float32(lam), height, width)))(
-      jax.vmap(jax.random.key)(jnp.arange(60)))
+      jax.vmap(jax.random.key)(jnp.arange(300)))
   for mask, kept in zip(np.asarray(masks), np.asarray(kepts)):
     rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
     y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
@@ -329,20 +329,28 @@ def test_cutmix_box_is_timms_rand_bbox(lam, height, width):
     assert float(kept) == pytest.approx(1 - mask.mean(), abs=1e-6)
     assert y1 - y0 <= 2 * (cut_h // 2) and x1 - x0 <= 2 * (cut_w // 2)
     sides.add((y1 - y0, x1 - x0))
+    top_rows |= {y1} if y0 == 0 else set()
+    left_cols |= {x1} if x0 == 0 else set()
     edges |= {("top", y0 == 0), ("bottom", y1 == height), ("left", x0 == 0),
               ("right", x1 == width)}
   assert (2 * (cut_h // 2), 2 * (cut_w // 2)) in sides  # whole where not clipped ...
   assert all((edge, clipped) in edges for edge in ("top", "bottom", "left", "right")
              for clipped in (True, False))  # ... clipped at each border by some centres
+  # Boxes from the top (left) edge: centres 0 .. half end at half .. 2 half, no other.
+  assert top_rows == set(range(cut_h // 2, 2 * (cut_h // 2) + 1))
+  assert left_cols == set(range(cut_w // 2, 2 * (cut_w // 2) + 1))
 
 
 def test_cutmix_box_of_a_sliver_is_empty():
   """lam 0.99 on 40 x 8: the box is 4 rows by int(0.8) = 0 columns, empty wherever its
-  centre falls (timm clips [cx - 0, cx + 0) to nothing), so nothing is pasted."""
+  centre falls (timm clips [cx - 0, cx + 0) to nothing), so nothing is pasted; on 8 x 40
+  the same with 0 rows."""
   from mae_jax.mixup import cutmix_box
-  masks, kepts = jax.jit(jax.vmap(lambda key: cutmix_box(key, jnp.float32(0.99), 40, 8)))(
-      jax.vmap(jax.random.key)(jnp.arange(60)))
-  assert not np.asarray(masks).any() and (np.asarray(kepts) == 1.0).all()
+  for height, width in ((40, 8), (8, 40)):
+    masks, kepts = jax.jit(jax.vmap(lambda key: cutmix_box(key, jnp.float32(0.99), height,
+                                                           width)))(
+        jax.vmap(jax.random.key)(jnp.arange(60)))
+    assert not np.asarray(masks).any() and (np.asarray(kepts) == 1.0).all()
 
 
 def test_mix_batch_applies_with_prob_and_switches_with_switch_prob():
