@@ -6,7 +6,6 @@ and for 2 x v5e:2x2, whose cross-slice traffic is checked against the gradients'
 Every compile for a slice runs in a subprocess, so that libtpu's TPU runtime never starts in
 this process, which keeps its 8 fake CPU devices.
 """
-import importlib.util
 import json
 import math
 import os
@@ -19,6 +18,7 @@ import pytest
 
 from configs import demo
 from mae_jax import aot, dcn, metrics, sharding, tasks
+from mae_jax.aot import live_bytes
 from mae_jax.mae import init_params
 from mae_jax.topology import CHIPS, GiB, parse_slice
 
@@ -26,9 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"model.image_size": 32, "model.width": 32, "model.depth": 1, "model.num_heads": 2,
         "model.decoder_width": 32, "model.decoder_depth": 1, "model.decoder_num_heads": 2,
         "batch_size": 32}
-needs_libtpu = pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None,
-    reason="libtpu is not installed (pip install -e '.[tpu]'): TPU compiles are not tested")
+needs_libtpu = pytest.mark.requires("libtpu")  # conftest: skipped without it, failed in CI
 
 
 def run(args, **kwargs):
@@ -125,6 +123,30 @@ def test_find_max_batch_extrapolates(start, resolution, most):
   best, _ = aot.find_max_batch(compile_fn, start, 1, resolution)
   assert best.batch_per_chip <= 302 < best.batch_per_chip + resolution  # 1 + 302 x 50 MiB
   assert len(calls) <= most, calls
+
+
+def test_find_max_batch_extrapolates_from_the_state_with_its_optimizer_state():
+  """One fit at 128: memory beyond the batch-independent part (2 GiB of parameters, 4 GiB of
+  optimizer state, 1/4 GiB of program) grows by 50 MiB an image, so the next compile is
+  where HBM (16 GiB) is reached: 128 + (16 - 12.5) GiB / 50 MiB = 199.7 -> 199, the edge."""
+  class Memory:
+    def __init__(self, b):
+      self.argument_size_in_bytes = 6 * GiB  # parameters and optimizer state
+      self.output_size_in_bytes = self.alias_size_in_bytes = 0
+      self.generated_code_size_in_bytes = GiB // 4
+      self.temp_size_in_bytes = b * 50 * 2**20
+
+  calls = []
+  def compile_fn(b):
+    calls.append(b)
+    m = Memory(b)
+    fits = live_bytes(m) <= 16 * GiB
+    return aot.Report("v5e:2x2", 4, 1, b, 16 * GiB, 2 * GiB, 4 * GiB, 0,
+                      memory=m if fits else None, oom_message="" if fits else "OOM",
+                      flops_per_chip=None, peak_flops=None, compile_seconds=0.0)
+  assert live_bytes(Memory(128)) == 12.5 * GiB
+  best, _ = aot.find_max_batch(compile_fn, 128, 1, 1)
+  assert calls == [128, 199, 200] and best.batch_per_chip == 199
 
 
 def test_find_max_batch_none_fits():

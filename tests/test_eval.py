@@ -140,6 +140,48 @@ def test_eval_loader_over_two_hosts_sees_every_example_once(tmp_path):
   assert got["top5"] == 1.0  # three classes: every label is in the top 5
 
 
+def test_eval_view_resizes_to_size_over_0_875_then_crops_the_centre(tmp_path):
+  """The reference's evaluation view: the shorter side to image_size / 0.875 (32 for 28),
+  then the centre crop: a 2-pixel black border around a white 28 x 28 square (and a wide
+  image's sides) is cut off whole; resizing straight to 28 would keep the border."""
+  d = tmp_path / "val" / "c0"
+  d.mkdir(parents=True)
+  square = np.zeros((32, 32, 3), np.uint8)
+  square[2:30, 2:30] = 255
+  Image.fromarray(square).save(d / "0.png")
+  wide = np.zeros((32, 48, 3), np.uint8)
+  wide[2:30, 10:38] = 255  # the centre 28 x 28 of 32 x 48
+  Image.fromarray(wide).save(d / "1.png")
+  config = ml_collections.ConfigDict(dict(dataset="folder", data_dir=str(tmp_path),
+                                          mean=(0.0,) * 3, std=(1.0,) * 3))
+  (batch,) = pipeline.make_eval_loader(config, "val", image_size=28, global_batch_size=2,
+                                       process_index=0, process_count=1)
+  assert batch["image"].shape == (2, 28, 28, 3) and list(batch["valid"]) == [1, 1]
+  np.testing.assert_allclose(batch["image"], 1.0, atol=1e-6)
+
+
+def test_padding_rows_scored_for_class_0_count_for_nothing():
+  """Padding rows carry label 0 (the loader's placeholder); a classifier that scores them for
+  class 0 gets no top-1 or top-5 hit from them."""
+  scores = np.tile(np.linspace(0.06, 0.0, 7, dtype=np.float32), (6, 1))  # no ties: 0 > 1 > ...
+  scores[0, 3] = scores[3, 0] = scores[4, 0] = scores[5, 0] = 1.0  # first choices
+  scores[1, 1], scores[1, 6] = 1.0, 0.5  # row 1: class 6 second
+  scores[2, 2] = -1.0  # row 2: class 2 last, outside the top 5 of 7
+  labels = np.array([3, 6, 2, 0, 0, 0])  # rows 4, 5: padding (label 0, valid 0)
+  valid = np.array([1, 1, 1, 1, 0, 0])
+  got = jax.device_get(topk_correct(jnp.asarray(scores), jnp.asarray(labels),
+                                    jnp.asarray(valid)))
+  # By hand over the 4 valid rows: top-1 hits rows 0 and 3; top-5 also row 1.
+  assert {k: int(v) for k, v in got.items()} == {"top1": 2, "top5": 3, "count": 4}
+  assert accuracies(got) == {"top1": 0.5, "top5": 0.75, "count": 4}
+
+
+def test_top5_is_the_five_highest_scores():
+  scores = jnp.asarray(np.tile(np.linspace(0.7, 0.1, 7, dtype=np.float32), (3, 1)))
+  got = topk_correct(scores, jnp.array([4, 5, 0]), jnp.ones(3, jnp.int32))
+  assert (int(got["top1"]), int(got["top5"])) == (1, 2)  # ranks 5 and 1 in, rank 6 out
+
+
 def numpy_lars(params, grads_seq, lrs, momentum=0.9, trust=0.001, wd=0.0):
   """The reference's LARS (util/lars.py), written out in numpy."""
   params = {k: np.array(v, np.float64) for k, v in params.items()}
@@ -175,6 +217,23 @@ def test_lars_matches_the_reference_under_a_changing_lr():
     np.testing.assert_allclose(p[k], want[k], rtol=1e-5, atol=1e-7)
   # The 1-D bias saw neither decay nor trust scaling: plain momentum SGD.
   assert not np.allclose(want["bias"], params["bias"] - 2.0 * 1e-3 * grads_seq[0]["bias"])
+  # The defaults are the reference's (momentum 0.9, trust 0.001, no weight decay); norms
+  # below 1 this time.
+  params = jax.tree.map(lambda x: 0.1 * x, params)
+  grads_seq = jax.tree.map(lambda x: 0.01 * x, grads_seq)
+  tx = optim.lars(schedule)
+  p = jax.tree.map(jnp.asarray, params)
+  state = tx.init(p)
+  for grads in grads_seq:
+    updates, state = tx.update(jax.tree.map(jnp.asarray, grads), state, p)
+    p = optax.apply_updates(p, updates)
+  want = numpy_lars(params, grads_seq, [float(schedule(i)) for i in range(4)])
+  for k in params:
+    np.testing.assert_allclose(p[k], want[k], rtol=1e-5, atol=1e-8)
+  # |d| = 0 (no gradient, no decay) with |p| > 0: ratio 1, a zero direction, not 0 / 0.
+  d, _ = optim.lars_direction(0.0, 0.001).update({"w": jnp.zeros((2, 2))}, None,
+                                                 {"w": jnp.ones((2, 2))})
+  np.testing.assert_array_equal(d["w"], 0.0)
 
 
 def test_knn_votes_by_hand():
@@ -188,6 +247,16 @@ def test_knn_votes_by_hand():
   scores = knn_scores(query, bank, labels, valid, num_classes=3, k=4, temperature=0.5)
   np.testing.assert_allclose(scores, [[np.exp(2.0), np.exp(1.6) + np.exp(0.0), np.exp(-2.0)]],
                              rtol=1e-6)
+  # Only the directions count (both sides are normalised), and with k past the 4 valid rows
+  # the padding row is drawn (similarity -inf) but weighs nothing.
+  scales = jnp.array([[3.0], [0.5], [2.0], [7.0], [1.0]])
+  queries = jnp.array([[6.0, 0.0], [1.0, 1.0]])  # the second: similarities 0.71, 0.71, 0.99, -0.71
+  again = knn_scores(queries, scales * bank, labels, valid, num_classes=3, k=5,
+                     temperature=0.5)
+  sims = np.array([0.5 ** 0.5, 0.5 ** 0.5, 1.4 / 2 ** 0.5, -(0.5 ** 0.5)])
+  second = [np.exp(sims[0] / 0.5), np.exp(sims[1] / 0.5) + np.exp(sims[2] / 0.5),
+            np.exp(sims[3] / 0.5)]
+  np.testing.assert_allclose(again, np.concatenate([scores, [second]]), rtol=1e-6)
 
 
 def test_knn_calls_itself_knn(tmp_path, caplog):
@@ -386,3 +455,26 @@ def test_probe_head_is_batchnorm_then_linear_as_the_reference(demo_dir):
   got = task.logits(params, aux.model_state, images)
   want = (x - 0.1 * x.mean(0)) / np.sqrt(0.9 + 0.1 * x.var(0, ddof=1) + 1e-6) @ w + b
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_probe_batchnorm_eps_is_the_references_on_features_of_tiny_variance(demo_dir):
+  """Near-identical images give features whose variance over the batch (~1e-7) is below
+  eps, where 1e-6 (the reference's) and PyTorch's default 1e-5 differ by ~3x in scale: in
+  training (the batch's statistics) and in evaluation (running statistics of that size)."""
+  task = make_task(probe_config(demo_dir, "random"))
+  params, model_state = task.init(jax.random.key(0))
+  images = (jax.random.normal(jax.random.key(2), (1, 32, 32, 3))
+            + 1e-3 * jax.random.normal(jax.random.key(4), (6, 32, 32, 3)))
+  labels = jnp.arange(6)
+  x = np.asarray(features(model_state["encoder"], images, task.encoder, "cls"), np.float64)
+  assert x.var(0).max() < 1e-6
+  w = np.random.default_rng(0).normal(size=params["head"]["kernel"].shape)
+  params = {"head": {"kernel": jnp.asarray(w, jnp.float32), "bias": params["head"]["bias"]}}
+  logits = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-6) @ w  # [6, 8]
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  loss, _ = task.loss_fn(params, model_state, {"image": images, "label": labels},
+                         jax.random.key(3))
+  np.testing.assert_allclose(loss, -logp[np.arange(6), labels].mean(), rtol=1e-3)
+  tiny = {**model_state, "batch_stats": {"mean": jnp.asarray(x.mean(0), jnp.float32),
+                                         "var": jnp.asarray(x.var(0), jnp.float32)}}
+  np.testing.assert_allclose(task.logits(params, tiny, images), logits, rtol=1e-2, atol=1e-2)

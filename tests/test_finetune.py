@@ -92,6 +92,8 @@ def test_interpolated_position_embeddings_keep_the_cls_row_and_match_torch():
                                            align_corners=False)
     want = want.permute(0, 2, 3, 1).reshape(1, grid * grid, 8).numpy()
     np.testing.assert_allclose(out[:, 1:], want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="embeddings of 5 patches are not a square grid"):
+    interpolate_pos_embed(table[:, :6], 4)
 
 
 # --- Fine-tuned checkpoints against reference forwards ------------------------------------------
@@ -242,6 +244,37 @@ def test_adamw_with_layer_decay_matches_torch_param_groups():
   assert float(schedule(4)) == pytest.approx(1e-3)
 
 
+def test_the_task_builds_the_recipes_schedule_and_drop_path_rates():
+  """What FinetuneTask builds from configs/finetune.py (B/16 recipe, tiny model), checked
+  against the recipe written out: ImageNet-1k at batch 1024 is 1251 steps an epoch, 5 warmup
+  epochs to blr 5e-4 x 1024 / 256, cosine to min_lr 1e-6 at epoch 100; drop path rises
+  linearly from 0 at the first block to 0.1 at the last."""
+  from flax import linen as nn
+  from mae_jax.models import Block
+  from mae_jax.trainer import plan_and_optimizer
+  config = finetune.get_config().unlock()
+  config.model.update(**{**ENCODER, "depth": 3})
+  config.init_from = "random"
+  task = make_task(config.lock())
+  plan, schedule, _ = plan_and_optimizer(task.config, task, 1_281_167)
+  total, warmup, peak = 100 * 1251, 5 * 1251, 5e-4 * 1024 / 256
+  assert (plan.total_steps, plan.warmup_steps, plan.peak_lr) == (total, warmup,
+                                                                 pytest.approx(peak))
+  for step in (warmup, (warmup + total) // 2, total - 1000, total):
+    cosine = 0.5 * (1 + np.cos(np.pi * (step - warmup) / (total - warmup)))
+    assert float(schedule(step)) == pytest.approx(1e-6 + (peak - 1e-6) * cosine, rel=1e-4)
+  assert float(schedule(total)) == pytest.approx(1e-6, rel=1e-4)
+  rates = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, Block) and context.method_name == "__call__":
+      rates[context.module.name] = context.module.drop_path
+    return next_fun(*args, **kwargs)
+  with nn.intercept_methods(record):  # eagerly: every block is built
+    task.model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  assert rates == {f"blocks_{i}": pytest.approx(0.1 * i / 2) for i in range(3)}
+
+
 # --- Mixup / CutMix ----------------------------------------------------------------------------
 
 MIX = dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, smoothing=0.1)
@@ -278,6 +311,71 @@ def test_mixed_labels_sum_to_one_and_equal_the_pasted_fraction():
       **MIX, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "smoothing": 0.0})
   np.testing.assert_array_equal(same, images)
   np.testing.assert_array_equal(targets, jax.nn.one_hot(labels, classes))
+
+
+@pytest.mark.parametrize("lam,height,width", [(0.75, 32, 20), (0.19, 12, 30)])
+def test_cutmix_box_is_timms_rand_bbox(lam, height, width):
+  """timm's rand_bbox: sides int(side * sqrt(1 - lam)), centre uniform over the image, the
+  box clipped at the border; the returned lam is the area left outside it."""
+  from mae_jax.mixup import cutmix_box
+  cut_h, cut_w = int(height * np.sqrt(1 - lam)), int(width * np.sqrt(1 - lam))
+  sides, edges, top_rows, left_cols = set(), set(), set(), set()
+  masks, kepts = jax.jit(jax.vmap(lambda key: cutmix_box(key, jnp.float32(lam), height, width)))(
+      jax.vmap(jax.random.key)(jnp.arange(300)))
+  for mask, kept in zip(np.asarray(masks), np.asarray(kepts)):
+    rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+    y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    assert mask.sum() == (y1 - y0) * (x1 - x0)  # one rectangle
+    assert float(kept) == pytest.approx(1 - mask.mean(), abs=1e-6)
+    assert y1 - y0 <= 2 * (cut_h // 2) and x1 - x0 <= 2 * (cut_w // 2)
+    sides.add((y1 - y0, x1 - x0))
+    top_rows |= {y1} if y0 == 0 else set()
+    left_cols |= {x1} if x0 == 0 else set()
+    edges |= {("top", y0 == 0), ("bottom", y1 == height), ("left", x0 == 0),
+              ("right", x1 == width)}
+  assert (2 * (cut_h // 2), 2 * (cut_w // 2)) in sides  # whole where not clipped ...
+  assert all((edge, clipped) in edges for edge in ("top", "bottom", "left", "right")
+             for clipped in (True, False))  # ... clipped at each border by some centres
+  # Boxes from the top (left) edge: centres 0 .. half end at half .. 2 half, no other.
+  assert top_rows == set(range(cut_h // 2, 2 * (cut_h // 2) + 1))
+  assert left_cols == set(range(cut_w // 2, 2 * (cut_w // 2) + 1))
+
+
+def test_cutmix_box_of_a_sliver_is_empty():
+  """lam 0.99 on 40 x 8: the box is 4 rows by int(0.8) = 0 columns, empty wherever its
+  centre falls (timm clips [cx - 0, cx + 0) to nothing), so nothing is pasted; on 8 x 40
+  the same with 0 rows."""
+  from mae_jax.mixup import cutmix_box
+  for height, width in ((40, 8), (8, 40)):
+    masks, kepts = jax.jit(jax.vmap(lambda key: cutmix_box(key, jnp.float32(0.99), height,
+                                                           width)))(
+        jax.vmap(jax.random.key)(jnp.arange(60)))
+    assert not np.asarray(masks).any() and (np.asarray(kepts) == 1.0).all()
+
+
+def test_mix_batch_applies_with_prob_and_switches_with_switch_prob():
+  """Over 300 draws: mixing applies with probability `prob`, CutMix (the batch's pixels
+  swapped, not blended) with probability `switch_prob` when both are on; with one alpha at 0
+  only the other kind."""
+  images = jnp.broadcast_to(jnp.arange(1.0, 5.0)[:, None, None, None], (4, 8, 12, 1))
+  labels = jnp.arange(4)
+
+  def kinds(**kw):
+    first, targets = jax.jit(jax.vmap(lambda key: jax.tree.map(
+        lambda x: x[0], mix_batch(key, images, labels, 4, **{**MIX, "smoothing": 0.0, **kw}))))(
+            jax.vmap(jax.random.key)(jnp.arange(300)))
+    first = np.asarray(first).reshape(300, -1)  # image 0 of each mixed batch, its target
+    none = (first == 1).all(1)  # (or a CutMix box of 0 pixels: lam near 1)
+    np.testing.assert_array_equal(np.asarray(targets)[none], np.eye(4)[[0] * none.sum()])
+    cutmix = np.isin(first, (1.0, 4.0)).all(1) & ~none
+    return {"none": none.mean(), "cutmix": cutmix.mean(), "mixup": 1 - (none | cutmix).mean()}
+  both = kinds(prob=0.6, switch_prob=0.3)
+  assert abs(both["none"] - 0.4) < 0.1 and abs(both["cutmix"] - 0.6 * 0.3) < 0.1
+  assert kinds(cutmix_alpha=0.0)["mixup"] == 1.0
+  with pytest.raises(TypeError):  # keyword-only: a positional alpha is never a probability
+    mix_batch(jax.random.key(0), images, labels, 4, *MIX.values())
+  only_cutmix = kinds(mixup_alpha=0.0, prob=1.0)
+  assert only_cutmix["mixup"] == 0.0 and only_cutmix["cutmix"] > 0.85
 
 
 # --- Through the trainer ---------------------------------------------------------------------
@@ -317,6 +415,27 @@ def test_finetune_resumes_bitwise_and_keeps_the_best_checkpoint(tmp_path, demo_d
                      evaluated)
   results = json.load(open(os.path.join(evaluated, "results.json")))
   assert results["classification/top1"] == top1[best_step]
+
+
+def test_best_checkpoint_is_replaced_only_by_a_strictly_better_evaluation(tmp_path):
+  """Evaluations 0.2, 0.5, 0.3, 0.5 at steps 1-4: best/ holds step 2 (the first 0.5: a tie
+  does not replace it), with its state; a reopened checkpointer knows 0.5 is the bar."""
+  from mae_jax.checkpointing import BestCheckpointer
+  metric = "classification/top1"
+  best = BestCheckpointer(str(tmp_path), metric)
+  for step, value in zip((1, 2, 3, 4), (0.2, 0.5, 0.3, 0.5)):
+    best.update(step, {"x": np.full(3, step, np.float32)}, {metric: value}, {"run": "a"})
+  best.update(5, {"x": np.full(3, 5, np.float32)}, {"other/metric": 0.9}, {"run": "a"})
+  best.close()
+  assert os.listdir(tmp_path / "best") == ["2"]
+  again = BestCheckpointer(str(tmp_path), metric)
+  assert again.value == 0.5
+  restored = again.manager.restore(2)
+  np.testing.assert_array_equal(restored["state"]["x"], np.full(3, 2, np.float32))
+  assert restored["config"] == {"run": "a", "best": {metric: 0.5, "step": 2}}
+  again.update(6, {"x": np.full(3, 6, np.float32)}, {metric: 0.4}, {"run": "a"})
+  again.close()
+  assert os.listdir(tmp_path / "best") == ["2"]
 
 
 @pytest.mark.parametrize("extra, error, match", [
@@ -379,3 +498,187 @@ def test_randaugment_and_random_erasing_are_deterministic_and_keep_shape_and_dty
   assert 0.5 < a[a != 0].std() < 1.5  # standard normal noise
   never = randaugment.RandomErasing(0.0).random_map({"image": flat}, np.random.default_rng(5))
   np.testing.assert_array_equal(never["image"], flat)
+
+
+def test_randaugment_applies_each_op_with_probability_half_at_a_normal_magnitude(monkeypatch):
+  """Recorders in place of the 15 ops, over 2000 seeds (4000 draws of an op): the ops are
+  drawn uniformly, each applies with probability 0.5, at a level ~ N(9, 0.5) clipped to
+  [0, 10] (timm's rand-m9-mstd0.5); with mstd 0 every level is exactly 9."""
+  from mae_jax.data import randaugment
+  calls = []
+  for name in randaugment.OPS:
+    monkeypatch.setitem(randaugment.OPS, name,
+                        lambda im, lv, rng, fill, name=name: calls.append((name, lv)) or im)
+  image = np.zeros((4, 4, 3), np.uint8)
+  augment = randaugment.RandAugment("rand-m9-mstd0.5-inc1", (0.5,) * 3)
+  seeds = 2000
+  for seed in range(seeds):
+    augment.random_map({"image": image}, np.random.default_rng(seed))
+  draws = 2 * seeds  # n = 2 ops per image
+  assert abs(len(calls) / draws - 0.5) < 0.04  # binomial std 0.008
+  counts = np.array([sum(n == name for n, _ in calls) for name in randaugment.OPS])
+  assert counts.min() > 0.5 * len(calls) / 15 and counts.max() < 1.5 * len(calls) / 15
+  levels = np.array([lv for _, lv in calls])
+  assert levels.min() >= 0 and levels.max() == 10
+  # The clipped normal, from a million independent draws.
+  reference = np.clip(np.random.default_rng(0).normal(9, 0.5, 10**6), 0, 10)
+  assert abs(levels.mean() - reference.mean()) < 0.06  # std of the mean: 0.011
+  assert abs(levels.std() - reference.std()) < 0.05
+  assert abs((levels == 10).mean() - (reference == 10).mean()) < 0.02  # 2.3%
+  calls.clear()
+  fixed = randaugment.RandAugment("rand-m9-mstd0-inc1", (0.5,) * 3)
+  for seed in range(200):
+    fixed.random_map({"image": image}, np.random.default_rng(seed))
+  assert calls and {lv for _, lv in calls} == {9.0}
+  calls.clear()
+  low = randaugment.RandAugment("rand-m0-mstd1-inc1", (0.5,) * 3)  # half the draws below 0
+  for seed in range(100):
+    low.random_map({"image": image}, np.random.default_rng(seed))
+  levels = np.array([lv for _, lv in calls])
+  assert levels.min() == 0.0 and 0.3 < (levels == 0).mean() < 0.7
+
+
+TIMM_INCREASING = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
+                   "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
+                   "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
+                   "TranslateXRel", "TranslateYRel")  # timm's _RAND_INCREASING_TRANSFORMS
+
+
+# timm's increasing ops at level lv of 10 (auto_augment.py), written out with PIL: sign -1 or
+# +1 is the op's draw. Shear 0.3, translate 0.45 of the side, rotate 30 degrees, enhance 1 +- 0.9.
+def timm_op(name, im, lv, sign, fill):
+  affine = lambda m: im.transform(im.size, Image.Transform.AFFINE, m,
+                                  resample=Image.Resampling.BICUBIC, fillcolor=fill)
+  enhance = lambda kind: kind(im).enhance(1 + sign * lv / 10 * 0.9)
+  from PIL import ImageEnhance, ImageOps
+  return {
+      "AutoContrast": lambda: ImageOps.autocontrast(im),
+      "Equalize": lambda: ImageOps.equalize(im),
+      "Invert": lambda: ImageOps.invert(im),
+      "Rotate": lambda: im.rotate(sign * lv / 10 * 30, resample=Image.Resampling.BICUBIC,
+                                  fillcolor=fill),
+      "PosterizeIncreasing": lambda: ImageOps.posterize(im, 4 - int(lv / 10 * 4)),
+      "SolarizeIncreasing": lambda: ImageOps.solarize(im, 256 - int(lv / 10 * 256)),
+      "SolarizeAdd": lambda: Image.fromarray(np.where(
+          np.asarray(im) < 128, np.minimum(255, np.asarray(im) + int(lv / 10 * 110)),
+          np.asarray(im)).astype(np.uint8)),
+      "ColorIncreasing": lambda: enhance(ImageEnhance.Color),
+      "ContrastIncreasing": lambda: enhance(ImageEnhance.Contrast),
+      "BrightnessIncreasing": lambda: enhance(ImageEnhance.Brightness),
+      "SharpnessIncreasing": lambda: enhance(ImageEnhance.Sharpness),
+      "ShearX": lambda: affine((1, sign * lv / 10 * 0.3, 0, 0, 1, 0)),
+      "ShearY": lambda: affine((1, 0, 0, sign * lv / 10 * 0.3, 1, 0)),
+      "TranslateXRel": lambda: affine((1, 0, sign * lv / 10 * 0.45 * im.size[0], 0, 1, 0)),
+      "TranslateYRel": lambda: affine((1, 0, 0, 0, 1, sign * lv / 10 * 0.45 * im.size[1])),
+  }[name]()
+
+
+@pytest.mark.parametrize("lv", [3.7, 7.3])
+def test_randaugment_ops_are_timms_at_their_level(lv):
+  from mae_jax.data import randaugment
+  image = np.random.default_rng(0).integers(0, 256, (24, 20, 3), dtype=np.uint8)
+  fill = (124, 116, 104)
+  assert set(randaugment.OPS) == set(TIMM_INCREASING)
+  signs = set()
+  for seed in (0, 2):  # the first draws: 0.64 (sign +1) and 0.26 (sign -1)
+    sign = -1 if np.random.default_rng(seed).random() < 0.5 else 1
+    signs.add(sign)
+    for name, op in randaugment.OPS.items():
+      got = np.asarray(op(Image.fromarray(image), lv, np.random.default_rng(seed), fill))
+      want = np.asarray(timm_op(name, Image.fromarray(image), lv, sign, fill))
+      np.testing.assert_array_equal(got, want, err_msg=f"{name} at {lv}, sign {sign}")
+  assert signs == {-1, 1}
+  # Level 10: posterize keeps no bit (black), solarize inverts every pixel.
+  assert not np.asarray(randaugment.OPS["PosterizeIncreasing"](
+      Image.fromarray(image), 10.0, None, fill)).any()
+  np.testing.assert_array_equal(randaugment.OPS["SolarizeIncreasing"](
+      Image.fromarray(image), 10.0, None, fill), 255 - image)
+
+
+def test_randaugment_spec_and_fill():
+  from mae_jax.data import randaugment
+  assert randaugment.parse_spec("rand-m9-mstd0.5-inc1") == {"m": 9.0, "n": 2.0, "mstd": 0.5}
+  assert randaugment.parse_spec("rand-n3-m7") == {"m": 7.0, "n": 3.0, "mstd": 0.0}
+  assert randaugment.parse_spec("rand-inc1") == {"m": 10.0, "n": 2.0, "mstd": 0.0}  # timm's
+  for spec, match in [("auto-m9", "must start with 'rand-'"), ("rand-m9-inc0", "only the "
+                      "increasing ops"), ("rand-mx", "cannot read 'mx'"), ("rand-q1", "'q1'")]:
+    with pytest.raises(ValueError, match=match):
+      randaugment.parse_spec(spec)
+  augment = randaugment.RandAugment("rand-n3-m7", (0.485, 0.456, 0.406))
+  assert (augment.num_ops, augment.magnitude, augment.std) == (3, 7.0, 0.0)
+  assert augment.fill == (124, 116, 104)  # the ImageNet mean in 0-255
+  assert randaugment.RandAugment("rand-m9", (1.0, 1.01, 0.0)).fill == (255, 255, 0)
+
+
+def test_random_erasing_boxes_follow_timms_ranges():
+  """timm's RandomErasing(mode='pixel'): with probability p one box of 2-33% of the area, of
+  aspect ratio 0.3-3.3 (log-uniform), filled with standard normal noise."""
+  from mae_jax.data import randaugment
+  image = np.zeros((40, 40, 3), np.float32)
+  areas, aspects, erased = [], [], 0
+  for seed in range(600):
+    out = randaugment.RandomErasing().random_map({"image": image},  # p 0.25, the recipe's
+                                                 np.random.default_rng(seed))["image"]
+    erased += bool(out.any())
+    box = randaugment.RandomErasing(1.0).random_map({"image": image},
+                                                    np.random.default_rng(seed))["image"]
+    rows, cols = np.nonzero(box.any(-1))
+    h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert len(rows) == h * w  # one filled box
+    areas.append(h * w / 1600)
+    aspects.append(h / w)
+  assert abs(erased / 600 - 0.25) < 0.06  # binomial std 0.018
+  areas, aspects = np.array(areas), np.log(aspects)
+  assert 0.015 < areas.min() < 0.04 and 0.28 < areas.max() < 0.37  # rounded sides
+  assert abs(areas.mean() - (0.02 + 1 / 3) / 2) < 0.03
+  assert -1.5 < aspects.min() < -0.9 and 0.9 < aspects.max() < 1.5  # log 0.3 = -1.2
+  assert abs(aspects.mean()) < 0.1
+  noise = randaugment.RandomErasing(1.0).random_map({"image": image},
+                                                    np.random.default_rng(0))["image"]
+  values = noise[noise != 0]
+  assert abs(values.mean()) < 0.2 and abs(values.std() - 1) < 0.2
+
+
+class ScriptedRng:
+  """A numpy Generator stand-in that answers `random` and `uniform` from scripts (and the
+  box's position and noise plainly), counting the `uniform` calls."""
+
+  def __init__(self, random, uniforms, last=True):
+    self.randoms, self.uniforms, self.uniform_calls = list(random), list(uniforms), 0
+    self.last = last
+
+  def random(self):
+    return self.randoms.pop(0)
+
+  def uniform(self, low, high):
+    self.uniform_calls += 1
+    return self.uniforms.pop(0)
+
+  def integers(self, low, high):
+    return high - 1 if self.last else low  # the box touches the bottom right or top left
+
+  def normal(self, size):
+    return np.ones(size)
+
+
+def test_random_erasing_edges_as_timm():
+  """On a 10 x 10 image: a box as wide (or as tall) as the image is refused; after timm's 10
+  refused tries the image is left as it is; a box may touch the right and bottom borders
+  and the top and left ones; probability 0 never erases, even on a draw of exactly 0."""
+  from mae_jax.data import randaugment
+  image = np.zeros((10, 10, 1), np.float32)
+  erase = randaugment.RandomErasing(1.0)
+  third = 1 / 3  # area 1/3 of 100 pixels at aspect 1/3 (3 x 10) or 3 (10 x 3)
+  for log_aspect in (np.log(third), np.log(3)):
+    rng = ScriptedRng([0.0], [third, log_aspect] * 10)
+    np.testing.assert_array_equal(erase.random_map({"image": image}, rng)["image"], image)
+    assert rng.uniform_calls == 20 and not rng.uniforms  # 10 tries of (area, aspect)
+  rng = ScriptedRng([0.0], [0.09, 0.0])  # 9 pixels, square: 3 x 3, at the last position
+  out = erase.random_map({"image": image}, rng)["image"]
+  np.testing.assert_array_equal(out[7:, 7:], 1.0)
+  assert out.sum() == 9
+  out = erase.random_map({"image": image}, ScriptedRng([0.0], [0.09, 0.0], last=False))["image"]
+  np.testing.assert_array_equal(out[:3, :3], 1.0)
+  assert out.sum() == 9
+  never = randaugment.RandomErasing(0.0).random_map({"image": image}, ScriptedRng([0.0], []))
+  np.testing.assert_array_equal(never["image"], image)

@@ -36,6 +36,10 @@ def test_patchify_round_trip_and_order():
 def test_patchify_rejects_indivisible():
   with pytest.raises(ValueError, match="not divisible"):
     patchify(jnp.zeros((1, 10, 8, 3)), 4)
+  # unpatchify: a grid that is not N patches, or patch vectors that are not p*p*C long.
+  for shape, grid in [((1, 6, 48), (2, 2)), ((1, 6, 40), (3, 2)), ((1, 5, 48), None)]:
+    with pytest.raises(ValueError, match="cannot unpatchify"):
+      unpatchify(jnp.zeros(shape), 4, grid)
 
 
 def test_masking_counts_and_randomness():
@@ -81,12 +85,21 @@ def test_masking_follows_argsort_rule_for_given_noise():
 def test_masking_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     random_masking(jnp.zeros((4, 16, 3)), 0.75, **kwargs)
+  with pytest.raises(TypeError):  # noise and rng are keyword-only: never mistaken for another
+    random_masking(jnp.zeros((4, 16, 3)), 0.75, jnp.zeros((4, 16)))
 
 
 def test_masking_rejects_bad_ratio():
-  for r in (1.0, -0.1):
-    with pytest.raises(ValueError, match="mask_ratio"):
+  for r in (1.0, 1.5, -0.1):
+    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\)"):
       random_masking(jnp.zeros((1, 4, 3)), r, rng=jax.random.key(0))
+  # In range, but keeping int(4 x 0.1) = 0 of 4 tokens.
+  with pytest.raises(ValueError, match="mask_ratio 0.9 keeps no token out of 4"):
+    random_masking(jnp.zeros((1, 4, 3)), 0.9, rng=jax.random.key(0))
+  # The edges that work: one token kept of 4 (0.75), and nothing removed (0).
+  assert random_masking(jnp.zeros((1, 4, 3)), 0.75, rng=jax.random.key(0)).kept.shape == (1, 1, 3)
+  none = random_masking(jnp.zeros((1, 4, 3)), 0.0, rng=jax.random.key(0))
+  assert none.kept.shape == (1, 4, 3) and not np.asarray(none.mask).any()
 
 
 def test_sincos_2d_values():
@@ -98,6 +111,7 @@ def test_sincos_2d_values():
   omega = 1 / 10000 ** (np.arange(2) / 2)
   want = np.concatenate([np.sin(c * omega), np.cos(c * omega), np.sin(r * omega), np.cos(r * omega)])
   np.testing.assert_allclose(emb[1 + r * 3 + c], want, rtol=1e-6)
+  np.testing.assert_array_equal(sincos_2d(8, 3), emb[1:])  # no cls row unless asked for
 
 
 def test_loss_hand_computed():
@@ -113,6 +127,20 @@ def test_loss_hand_computed():
   np.testing.assert_allclose(norm[0, 1], np.array([-1, -1, 1, 1]) / s, rtol=1e-6)
   want = np.mean((np.array([1, 2, 3, 4]) - np.array([-1, -1, 1, 1]) / s) ** 2)
   assert float(masked_mse(pred, norm, mask)) == pytest.approx(want, rel=1e-6)
+
+
+def test_loss_averages_every_removed_patch_and_is_0_with_none():
+  rng = np.random.default_rng(0)
+  pred, target = rng.normal(size=(2, 5, 6)), rng.normal(size=(2, 5, 6))
+  mask = np.array([[1, 0, 1, 1, 0], [0, 0, 1, 0, 0]], np.float32)  # 4 removed patches
+  per_patch = ((pred - target) ** 2).mean(-1)
+  assert float(masked_mse(pred, target, mask)) == pytest.approx(
+      per_patch[mask > 0].mean(), rel=1e-5)
+  assert float(masked_mse(pred, target, np.zeros_like(mask))) == 0.0  # not 0 / 0
+  # eps counts where a patch's variance is of its size: (t - mean) / sqrt(var + 1e-6).
+  flat = np.array([[[0.0, 0.002, 0.0, 0.002]]])  # unbiased var 1.33e-6
+  want = (flat - 0.001) / np.sqrt(flat.var(-1, ddof=1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(normalize_patches(jnp.asarray(flat, jnp.float32)), want, rtol=1e-3)
 
 
 def numpy_patches(images: np.ndarray, p: int) -> np.ndarray:

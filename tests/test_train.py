@@ -331,6 +331,24 @@ def test_lr_schedule_matches_recipe():
       assert float(schedule(step)) == pytest.approx(want, rel=1e-4, abs=1e-9)
 
 
+def test_lr_schedule_needs_warmup_inside_the_run():
+  assert float(optim.lr_schedule(1.0, 0, 10)(0)) == 1.0  # no warmup: the peak at once
+  assert float(optim.lr_schedule(1.0, 9, 10)(9)) == 1.0
+  for warmup in (-1, 10):
+    with pytest.raises(ValueError, match=r"warmup_steps \(%d\) must be in \[0, total_steps "
+                       r"\(10\)\)" % warmup):
+      optim.lr_schedule(1.0, warmup, 10)
+
+
+def test_optimizer_hyperparameters_are_keyword_only():
+  """A positional number is never taken for another hyperparameter."""
+  schedule = optim.lr_schedule(1.0, 1, 10)
+  for make, args in [(optim.make_optimizer, (0.05, 0.9, 0.95)), (optim.lars, (0.9,)),
+                     (optim.adamw_layer_decay, (0.05, 0.9, 0.999, {}, {}))]:
+    with pytest.raises(TypeError, match="positional argument"):
+      make(schedule, *args)  # all it needs, by position
+
+
 def test_run_optimizer_is_the_papers_adamw():
   """The optimizer a configs/base.py run trains with, against AdamW written out in numpy:
   betas (0.9, 0.95), eps 1e-8, decoupled weight decay 0.05 on Linear weights and the cls /

@@ -76,9 +76,10 @@ OPS: dict[str, Callable[[Image.Image, float, np.random.Generator, tuple], Image.
 
 
 def parse_spec(spec: str) -> dict[str, float]:
-  """'rand-m9-mstd0.5-inc1' -> {'m': 9, 'n': 2, 'mstd': 0.5}; only the increasing ops."""
+  """'rand-m9-mstd0.5-inc1' -> {'m': 9, 'n': 2, 'mstd': 0.5}; only the increasing ops.
+  What a spec leaves out is timm's default: magnitude 10, 2 ops, no deviation."""
   parts = spec.split("-")
-  out = {"m": 9.0, "n": 2.0, "mstd": 0.0}
+  out = {"m": 10.0, "n": 2.0, "mstd": 0.0}
   if parts[0] != "rand":
     raise ValueError(f"RandAugment spec {spec!r} must start with 'rand-'")
   for part in parts[1:]:
