@@ -27,7 +27,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from mae_jax import compile_cache, dcn, metrics, sharding, tasks
-from mae_jax.main import HELP_FLAGS, fail, innermost_message
+from mae_jax.main import fail, parse_config_flags
 from mae_jax.topology import GiB, Slice, compile_devices, parse_slice
 from mae_jax.trainer.step import abstract_state, check_batch, make_train_step
 
@@ -351,19 +351,9 @@ FLAGS = flags.FLAGS
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing as mae_jax.main's: help on stdout (exit 0), mistakes as one line."""
-  for arg in argv[1:]:
-    if arg in HELP_FLAGS:
-      app.usage(shorthelp=HELP_FLAGS[arg], writeto_stdout=True, exitcode=0)
-  try:
-    argv = FLAGS(argv)
-    FLAGS.config  # config files load lazily: a missing one fails here
-  except (AttributeError, KeyError) as e:  # an override of a field the config lacks
-    fail(f"the config has no field {innermost_message(e).splitlines()[0]}")
-  except flags.Error as e:  # a bad value, or an error inside the config file
-    fail(" ".join(line.strip() for line in str(e).splitlines() if line.strip()))
-  except OSError as e:
-    fail(f"cannot load --config: {e}")
+  """mae_jax.main's flag parsing (help on stdout, mistakes as one line), then aot's required
+  flags."""
+  argv = parse_config_flags(argv)
   for name, example in (("config", "configs/base.py"), ("topology", "v5p-128")):
     if FLAGS[name].value is None:
       fail(f"--{name} is required, e.g. --{name}={example}")

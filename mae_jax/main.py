@@ -61,8 +61,9 @@ def innermost_message(e: BaseException) -> str:
   return str(e.args[0]) if e.args else str(e)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with help on stdout (exit 0) and config mistakes as one line."""
+def parse_config_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with help on stdout (exit 0) and config mistakes as one line; the
+  same for every command line that takes --config (main, aot)."""
   for arg in argv[1:]:
     if arg in HELP_FLAGS:
       app.usage(shorthelp=HELP_FLAGS[arg], writeto_stdout=True, exitcode=0)
@@ -80,6 +81,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     while e.__cause__ is not None:
       e = e.__cause__
     fail(f"cannot load --config: {e}")
+  return argv
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """`parse_config_flags`, then main's required flags."""
+  argv = parse_config_flags(argv)
   if FLAGS.config is None:
     fail("--config is required, e.g. --config=configs/demo.py")
   if FLAGS.workdir is None and not FLAGS.print_config:
