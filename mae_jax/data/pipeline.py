@@ -157,13 +157,14 @@ class HostBatches(grain.transforms.Map):
   by the next record of the source that decodes; `skipped` counts the records passed over.
   """
 
-  def __init__(self, source: Any, operations: list[Any], *, seed: int, global_batch: int,
-               process_index: int, process_count: int, threads: int):
-    self.source, self.operations, self.seed, self.threads = source, operations, seed, threads
+  def __init__(self, source: Any, decode: transforms.DecodeImage, operations: list[Any], *,
+               seed: int, global_batch: int, process_index: int, process_count: int,
+               threads: int):
+    self.source, self.decode, self.operations = source, decode, operations
+    self.seed, self.threads = seed, threads
     self.global_batch = global_batch
     self.host_batch = global_batch // process_count
     self.offset = process_index * self.host_batch
-    self.decode = operations[0]
     self._pool = None
 
   def __getstate__(self) -> dict[str, Any]:  # grain workers get a copy, without the pool
@@ -179,7 +180,7 @@ class HostBatches(grain.transforms.Map):
     else:
       raise ValueError(f"no record of {self.source!r} decodes")
     rng = example_rng(self.seed, position)
-    for op in self.operations[1:]:
+    for op in self.operations:
       element = (op.random_map(element, rng) if isinstance(op, grain.transforms.RandomMap)
                  else op.map(element))
     return {**element, "skipped": np.int32(skipped)}
@@ -237,10 +238,7 @@ def make_train_loader(
   ratio = tuple(_field(input_config, "crop_ratio"))
   min_pixels = (transforms.draft_min_pixels(image_size, scale, ratio)
                 if _field(input_config, "draft_decode") else 0)
-  operations = [
-      transforms.DecodeImage(min_pixels),
-      transforms.RandomResizedCrop(image_size, scale=scale, ratio=ratio),
-  ]
+  operations = [transforms.RandomResizedCrop(image_size, scale=scale, ratio=ratio)]
   if _field(input_config, "hflip"):
     operations.append(transforms.RandomHorizontalFlip())
   mean = tuple(_field(input_config, "mean"))
@@ -250,9 +248,9 @@ def make_train_loader(
     operations.append(transforms.Normalize(mean, tuple(_field(input_config, "std"))))
   if _field(input_config, "reprob") > 0:
     operations.append(randaugment.RandomErasing(_field(input_config, "reprob")))
-  batches = HostBatches(source, operations, seed=seed, global_batch=global_batch_size,
-                        process_index=process_index, process_count=process_count,
-                        threads=_threads(input_config, source))
+  batches = HostBatches(source, transforms.DecodeImage(min_pixels), operations, seed=seed,
+                        global_batch=global_batch_size, process_index=process_index,
+                        process_count=process_count, threads=_threads(input_config, source))
   # Batch indices start_batch ... (2**62: endless in practice), one batch read ahead.
   dataset = grain.MapDataset.range(start_batch, 2**62).map(batches).to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
