@@ -54,8 +54,9 @@ def plan_and_optimizer(config: ml_collections.ConfigDict, task: Task, num_exampl
 # Config fields a resumed run may change: where the data lives and how it is read, how the
 # model computes (the float32 weights are the same), how the step is laid out over hosts and
 # devices, what is logged, traced, saved and evaluated, where compiled programs are
-# cached, and where this invocation stops. A prefix ('evals') frees every field below it. Every other field of the config must keep its saved
-# value: a new hyperparameter is covered without being listed anywhere.
+# cached, and where this invocation stops. A prefix ('evals') frees every field below it.
+# Every other field of the config must keep its saved value: a new hyperparameter is covered
+# without being listed anywhere.
 # normalize_on_device only moves the normalise (host and device agree to 1e-6).
 # grad_accum_steps changes how the global batch is split, not the update (MAE's masks are
 # drawn for the whole batch); per-micro-batch randomness (drop path) is drawn anew.
