@@ -21,7 +21,9 @@ sys.path.insert(0, ROOT)
 
 
 def load_config(spec: str, overrides: dict):
-  """'configs/digits.py:task=knn' + {'evals.knn.k': 5} -> the locked config."""
+  """'configs/digits.py:task=knn' + {'evals.knn.k': 5} -> the locked config. (test_train's
+  set_fields, written again: importing test_train starts JAX's backend, and
+  jax.distributed.initialize must come first.)"""
   path, _, arg = spec.partition(":")
   module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
   config = module.get_config(arg or None).unlock()

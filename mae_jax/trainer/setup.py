@@ -10,7 +10,7 @@ import optax
 
 from mae_jax import optim
 from mae_jax.config import COMPUTE_FIELDS
-from mae_jax.tasks.base import Task
+from mae_jax.tasks.base import Task, field_diff
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +64,9 @@ FREE_FIELDS = (
     "input.data_dir", "input.eval_split", "input.worker_count", "input.worker_buffer_size",
     "input.read_threads", "input.read_buffer", "input.normalize_on_device",
     *(f"model.{k}" for k in COMPUTE_FIELDS),
-    "fsdp", "num_slices", "grad_accum_steps", "stop_at_step", "eval_only", "evals", "best_metric",
-    "log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "compilation_cache_dir",
-    "profile",
+    "fsdp", "num_slices", "grad_accum_steps", "stop_at_step", "eval_only", "evals",
+    "best_metric", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+    "compilation_cache_dir", "profile",
 )
 
 
@@ -110,9 +110,7 @@ def checkpoint_config(task: Task, run: dict[str, Any],
 def model_diff(task: Task, saved_model: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
   """{field: (saved, config)} where a checkpoint's saved model differs from the task's (the
   COMPUTE_FIELDS, dtype and attention kernel, may differ: the weights are the same)."""
-  model = json.loads(json.dumps(task.model_dict()))
-  return {k: (v, model.get(k)) for k, v in saved_model.items()
-          if model.get(k) != v and k not in COMPUTE_FIELDS}
+  return field_diff(saved_model, task.model_dict(), free=COMPUTE_FIELDS)
 
 
 def config_diff(saved: dict[str, Any], config: ml_collections.ConfigDict
